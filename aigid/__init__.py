@@ -1,2 +1,19 @@
-"""aigid: kernel-accelerated detection of AI-generated images."""
+"""aigid: kernel-accelerated detection of AI-generated images.
+
+    import aigid
+    detector = aigid.load_detector("runs/mirage")        # a folder written by save_pretrained
+    p_fake = detector.predict(["a.jpg", "b.png"])          # the detector applies its own preprocessing
+    summary = aigid.train({"data": "my_set/", "model": "vit-l-14"})
+"""
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+# The functions are bound after their same-named submodules are imported, so `aigid.train` and
+# `aigid.evaluate` are the callables, not the modules.
+from aigid.evaluate import evaluate  # noqa: E402
+from aigid.models.mirage import MiraGe, MiraGeConfig  # noqa: E402
+from aigid.models.registry import load_detector  # noqa: E402
+from aigid.train import TrainConfig, train  # noqa: E402
+
+__all__ = ["load_detector", "train", "evaluate", "MiraGe", "MiraGeConfig", "TrainConfig", "__version__"]

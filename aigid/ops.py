@@ -51,6 +51,22 @@ def _check_supcon(feats, labels, bank_feats, bank_labels, anchors, anchor_labels
             raise TypeError(f"labels for {name} must be integer class ids, got {y.dtype}")
 
 
+_supcon_kernel_cache: list = []  # [module or None], filled on first use
+
+
+def _supcon_kernel():
+    """The Triton SupCon kernel module, imported once on first use; None when Triton is missing."""
+    if not _supcon_kernel_cache:
+        module = None
+        if backends.has_triton():
+            try:
+                from aigid.kernels import supcon_bank as module
+            except (ImportError, RuntimeError):
+                module = None
+        _supcon_kernel_cache.append(module)
+    return _supcon_kernel_cache[0]
+
+
 def supcon_bank_loss(
     feats: torch.Tensor,
     labels: torch.Tensor,
@@ -68,11 +84,73 @@ def supcon_bank_loss(
     integer class ids. See ``aigid.kernels.reference.supcon_bank_loss_reference`` for the formula.
     """
     _check_supcon(feats, labels, bank_feats, bank_labels, anchors, anchor_labels)
-    choice = _pick("supcon", backend, feats.device, kernel_ready=False)
-    if choice == "triton":  # pragma: no cover - wired when the kernel lands
-        raise RuntimeError("unreachable")
+    kernel = _supcon_kernel()
+    ready = kernel is not None
+    if ready and backend in (None, "auto") and feats.dtype not in kernel.SUPPORTED_DTYPES:
+        ready = False  # e.g. float64: automatic dispatch keeps the exact reference
+    choice = _pick("supcon", backend, feats.device, kernel_ready=ready)
+    if choice == "triton":
+        return kernel.supcon_bank_loss_triton(
+            feats, labels, bank_feats, bank_labels, anchors, anchor_labels, temperature)
     return reference.supcon_bank_loss_reference(
         feats, labels, bank_feats, bank_labels, anchors, anchor_labels, temperature)
+
+
+_smsa_kernel_cache: list = []  # [module or None], filled on first use
+
+
+def _smsa_kernel():
+    """The Triton SMSA kernel module, imported once on first use; None when Triton is missing."""
+    if not _smsa_kernel_cache:
+        module = None
+        if backends.has_triton():
+            try:
+                from aigid.kernels import smsa_attention as module
+            except (ImportError, RuntimeError):
+                module = None
+        _smsa_kernel_cache.append(module)
+    return _smsa_kernel_cache[0]
+
+
+def _check_smsa(q, kv_sources, kv_lengths) -> None:
+    if not isinstance(q, torch.Tensor) or q.ndim != 4:
+        raise ValueError(f"q must be (B, H_q, L_q, d), got {getattr(q, 'shape', type(q))}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    b, h_q, _, d = q.shape
+    if len(kv_sources) == 0:
+        raise ValueError("smsa_attention needs at least one (k, v) source")
+    h_kv = None
+    for i, pair in enumerate(kv_sources):
+        if len(pair) != 2:
+            raise ValueError(f"source {i} must be a (k, v) pair")
+        k, v = pair
+        if k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"source {i}: k and v must both be (B, H_kv, L_s, d), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[0] != b or k.shape[3] != d:
+            raise ValueError(f"source {i}: expected (B={b}, H_kv, L_s, d={d}), got {tuple(k.shape)}")
+        if h_kv is None:
+            h_kv = k.shape[1]
+        elif k.shape[1] != h_kv:
+            raise ValueError(f"source {i} has {k.shape[1]} key/value heads, source 0 has {h_kv}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"source {i}: k/v dtypes {k.dtype}/{v.dtype} differ from q's {q.dtype}")
+        if k.device != q.device or v.device != q.device:
+            raise ValueError(f"source {i} is on {k.device}/{v.device}, q on {q.device}")
+    if h_kv == 0 or h_q % h_kv:
+        raise ValueError(f"query heads {h_q} must be a multiple of key/value heads {h_kv}")
+    if kv_lengths is not None:
+        if len(kv_lengths) != len(kv_sources):
+            raise ValueError(f"kv_lengths has {len(kv_lengths)} entries for {len(kv_sources)} sources")
+        for i, n in enumerate(kv_lengths):
+            if n is None:
+                continue
+            if not isinstance(n, torch.Tensor) or n.shape != (b,):
+                raise ValueError(f"kv_lengths[{i}] must be a ({b},) tensor or None, got "
+                                 f"{getattr(n, 'shape', type(n))}")
+            if n.is_floating_point() or n.dtype == torch.bool or n.is_complex():
+                raise TypeError(f"kv_lengths[{i}] must hold integers, got {n.dtype}")
 
 
 def smsa_attention(
@@ -87,8 +165,21 @@ def smsa_attention(
 
     q: (B, H_q, L_q, d); kv_sources: [(k_s, v_s)] each (B, H_kv, L_s, d); optional per-source
     valid lengths (B,); scale defaults to d**-0.5. Returns (B, H_q, L_q, d).
+
+    The Triton kernel (``aigid.kernels.smsa_attention``) reads each source in place, with native
+    GQA and no concatenation; it takes 1-4 sources, head dims 16/32/64/128 and fp16/bf16/fp32.
+    Automatic dispatch uses it on CUDA for those inputs and the reference otherwise;
+    ``backend="triton"`` raises for inputs the kernel does not take.
     """
-    choice = _pick("smsa", backend, q.device, kernel_ready=False)
-    if choice == "triton":  # pragma: no cover - wired when the kernel lands
-        raise RuntimeError("unreachable")
+    _check_smsa(q, kv_sources, kv_lengths)
+    wants_kernel = backend == "triton" or (
+        backend in (None, "auto") and not backends.force_reference()
+        and backends.triton_usable(q.device))
+    kernel = _smsa_kernel() if wants_kernel else None
+    reason = None if kernel is None else kernel.unsupported_reason(q, kv_sources)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"smsa_attention: {reason}; use backend='auto' or 'reference'")
+    choice = _pick("smsa", backend, q.device, kernel_ready=kernel is not None and reason is None)
+    if choice == "triton":
+        return kernel.smsa_attention_triton(q, kv_sources, kv_lengths, scale)
     return reference.smsa_attention_reference(q, kv_sources, kv_lengths, scale)

@@ -1,5 +1,8 @@
 """Test-wide setup: Triton's interpreter on CPU-only machines, the ``gpu`` marker, seeds."""
+import copy
+import json
 import os
+from importlib import resources
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("AIGID_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,3 +26,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh copy of the shipped tiny MiraGe config (random 4-layer CLIP, 32 px)."""
+    from aigid.models.mirage import MiraGeConfig
+
+    return copy.deepcopy(MiraGeConfig.named("tiny"))

@@ -1,0 +1,141 @@
+"""``aigid demo | train | eval | make-aligned | backends`` (the console script)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _cmd_demo(args) -> int:
+    from aigid.demo import run_demo
+
+    run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _overrides(args) -> dict:
+    keys = ("alpha", "temperature", "bank_size", "prompt_depth", "prompt_tokens")  # argparse dests
+    out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.pretrained is not None:
+        out["backbone"] = {"model": args.backbone or "ViT-L-14", "pretrained": args.pretrained}
+    elif args.backbone is not None:
+        raise SystemExit("--backbone needs --pretrained (an open_clip tag or a checkpoint file)")
+    return out
+
+
+def _cmd_train(args) -> int:
+    from aigid.train import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, out=args.out, val=args.val, model=args.model,
+                      overrides=_overrides(args), cache_dir=args.cache_dir, epochs=args.epochs,
+                      max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                      num_workers=args.workers, device=args.device, seed=args.seed,
+                      progress=not args.quiet)
+    summary = train(cfg)
+    print(f"saved detector to {args.out} ({summary['steps']} steps, {summary['seconds']} s)")
+    if "val" in summary:
+        print(json.dumps(summary["val"]["overall"], indent=2))
+    if summary["skipped_files"]:
+        print(f"{len(summary['skipped_files'])} unreadable files skipped (see train_summary.json)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from aigid.evaluate import device_of, evaluate
+    from aigid.models.registry import load_detector
+
+    detector = load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)))
+    result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
+                      num_workers=args.workers, threshold=args.threshold, progress=not args.quiet)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        print(json.dumps({"overall": result["overall"], "written": args.out}, indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_make_aligned(args) -> int:
+    from aigid.data.aligned import load_vae, make_aligned
+
+    counts = make_aligned(args.real_dir, args.out_dir, load_vae(args.vae, device=args.device),
+                          progress=not args.quiet)
+    print(json.dumps(counts))
+    return 0 if counts["written"] else 1
+
+
+def _cmd_backends(args) -> int:
+    from aigid import backends
+
+    print(json.dumps(backends.available(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aigid", description="Detect AI-generated images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo: build a toy set, train, evaluate")
+    d.add_argument("--out", default="aigid-demo")
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+
+    t = sub.add_parser("train", help="train a MiraGe detector on a labelled folder or manifest")
+    t.add_argument("data", help="folder with real/fake (or 0_real/1_fake, nature/ai) leaves, or a CSV/JSONL manifest")
+    t.add_argument("--out", default="runs/mirage", help="output detector folder")
+    t.add_argument("--val", help="held-out data (default: the data's val/ split if present)")
+    t.add_argument("--model", default="vit-l-14", help="shipped config (tiny, vit-l-14), a JSON config, or a detector folder")
+    t.add_argument("--backbone", help="open_clip model name, with --pretrained")
+    t.add_argument("--pretrained", help="open_clip tag or local checkpoint file for the backbone")
+    t.add_argument("--cache-dir", help="open_clip weights cache")
+    for name, typ in (("alpha", float), ("temperature", float), ("bank-size", int),
+                      ("prompt-depth", int), ("prompt-tokens", int)):
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=0.0035)
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="acc, real/fake acc, AP, AUROC, EER per generator, as JSON")
+    e.add_argument("data", help="labelled folder or manifest")
+    e.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
+    e.add_argument("--split", help="only images under this split folder (train/val/test)")
+    e.add_argument("--out", help="write the JSON result here")
+    e.add_argument("--threshold", type=float, default=0.5)
+    e.add_argument("--cache-dir")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=_cmd_eval)
+
+    a = sub.add_parser("make-aligned", help="write VAE reconstructions (aligned fakes) of real images")
+    a.add_argument("real_dir")
+    a.add_argument("out_dir")
+    a.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (or cached hub id)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(fn=_cmd_make_aligned)
+
+    b = sub.add_parser("backends", help="which optional backends this machine has")
+    b.set_defaults(fn=_cmd_backends)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: labelled-folder discovery, robust image decoding, preprocessing, aligned fakes."""

@@ -1,0 +1,43 @@
+"""The detector's preprocessing, built from the ``preprocess`` dict its config carries.
+
+Users never resize by hand: ``predict`` applies the same transform that training used for eval
+(resize the shortest side + centre crop, or squash), then normalises with the model's mean/std.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+           "nearest": T.InterpolationMode.NEAREST}
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def _resize(pp: dict[str, Any]) -> list:
+    size, mode = int(pp["size"]), pp.get("resize_mode", "shortest")
+    interp = _INTERP[pp.get("interpolation", "bicubic")]
+    if mode == "shortest":
+        return [T.Resize(size, interpolation=interp, antialias=True)]
+    if mode == "squash":
+        return [T.Resize((size, size), interpolation=interp, antialias=True)]
+    raise ValueError(f"unsupported resize_mode {mode!r} (shortest or squash)")
+
+
+def _tensor_and_normalise(pp: dict[str, Any]) -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp["mean"], pp["std"])]
+
+
+def eval_transform(pp: dict[str, Any]) -> Transform:
+    """Deterministic: resize, centre crop to ``size``², to float, normalise."""
+    return T.Compose(_resize(pp) + [T.CenterCrop(int(pp["size"]))] + _tensor_and_normalise(pp))
+
+
+def train_transform(pp: dict[str, Any]) -> Transform:
+    """Resize, random crop and horizontal flip (no colour jitter: it would erase the artefacts)."""
+    size = int(pp["size"])
+    return T.Compose(_resize(pp) + [T.RandomCrop(size, pad_if_needed=True), T.RandomHorizontalFlip()]
+                     + _tensor_and_normalise(pp))

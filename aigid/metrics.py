@@ -1,0 +1,63 @@
+"""Binary detection metrics with the conventions detector papers use (fake = positive class).
+
+acc at a threshold (0.5 by default), real and fake accuracy reported separately (a detector
+biased to "fake" looks fine on a mixed set), AP, AUROC and EER. Ties in scores are handled
+as scikit-learn does (one ROC/PR point per distinct score).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _curve(labels: np.ndarray, scores: np.ndarray):
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    return tp, fp
+
+
+def roc_auc(labels, scores) -> float:
+    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    tp, fp = _curve(y, s)
+    tpr, fpr = np.r_[0, tp] / pos, np.r_[0, fp] / neg
+    return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision(labels, scores) -> float:
+    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    pos = int(y.sum())
+    if pos == 0:
+        return float("nan")
+    tp, fp = _curve(y, s)
+    precision, recall = tp / (tp + fp), tp / pos
+    return float(np.sum(np.diff(np.r_[0, recall]) * precision))
+
+
+def equal_error_rate(labels, scores) -> float:
+    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    tp, fp = _curve(y, s)
+    fpr, fnr = np.r_[0, fp] / neg, 1 - np.r_[0, tp] / pos
+    i = int(np.argmin(np.abs(fpr - fnr)))
+    return float((fpr[i] + fnr[i]) / 2)
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5) -> dict[str, float]:
+    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    pred = (s >= threshold).astype(np.int64)
+
+    def acc(mask):
+        return float((pred[mask] == y[mask]).mean()) if mask.any() else float("nan")
+
+    return {
+        "n": int(y.size), "n_real": int((y == 0).sum()), "n_fake": int((y == 1).sum()),
+        "acc": acc(np.ones_like(y, dtype=bool)), "real_acc": acc(y == 0), "fake_acc": acc(y == 1),
+        "ap": average_precision(y, s), "auroc": roc_auc(y, s), "eer": equal_error_rate(y, s),
+    }

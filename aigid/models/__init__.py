@@ -1,0 +1,1 @@
+"""Detector models: thin classes over ``aigid.ops``."""

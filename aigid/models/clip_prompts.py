@@ -1,0 +1,124 @@
+"""MaPLe-style deep multimodal prompts on open_clip's text and vision transformers.
+
+Following MaPLe (Khattak et al., CVPR 2023), as MiraGe does:
+- B learnable text tokens θ_i per layer for the first L layers (MiraGe: B=2, L=9). At layer 0
+  they replace the token embeddings of a placeholder ("X X Real.") before the positional
+  embedding is added; at layers 1..L-1 they replace the previous layer's prompt outputs
+  (positions 1..B, right after SOS) — prompts are replaced, never accumulated.
+- Vision prompts are coupled: v_i = F_i(θ_i) with a linear F_i (text width → vision width), one
+  per layer. They are appended after the patch tokens (after ``ln_pre``) and, like the text
+  prompts, replaced at each of the first L layers; they are dropped before pooling.
+The CLIP backbone is frozen; only θ and the F_i train.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from open_clip.transformer import text_global_pool
+
+
+class DeepPrompts(nn.Module):
+    """θ ∈ R^{L×B×W_text} and the couplings F_i: R^{W_text} → R^{W_vision}."""
+
+    def __init__(self, n_tokens: int, depth: int, text_width: int, vision_width: int,
+                 init_std: float = 0.02):
+        super().__init__()
+        if n_tokens < 1 or depth < 1:
+            raise ValueError(f"need at least one prompt token and one layer (got B={n_tokens}, L={depth})")
+        self.n_tokens, self.depth = n_tokens, depth
+        self.text = nn.Parameter(torch.randn(depth, n_tokens, text_width) * init_std)
+        self.to_vision = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(depth))
+
+    def vision(self) -> torch.Tensor:
+        """(L, B, W_vision): each layer's vision prompts, mapped from that layer's text prompts."""
+        return torch.stack([f(self.text[i]) for i, f in enumerate(self.to_vision)])
+
+
+def _blocks(transformer: nn.Module):
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(transformer).__name__} has no resblocks: deep prompts need an "
+                        "open_clip Transformer tower (ViT vision tower, CLIP text tower)")
+    return blocks
+
+
+def _run_blocks(transformer, x, prompts, place, attn_mask=None):
+    """Run the blocks, writing ``prompts[i]`` into the prompt slots before block i (i ≥ 1)."""
+    batch_first = getattr(transformer, "batch_first", True)
+    blocks = _blocks(transformer)
+    if len(prompts) > len(blocks):
+        raise ValueError(f"prompt depth {len(prompts)} exceeds the tower's {len(blocks)} layers")
+    for i, block in enumerate(blocks):
+        if 0 < i < len(prompts):
+            x = place(x, prompts[i])
+        if batch_first:
+            x = block(x, attn_mask=attn_mask)
+        else:
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    return x
+
+
+class PromptedTextEncoder(nn.Module):
+    """Encodes fixed class prompts ("X … X <name>.") through the prompted CLIP text tower."""
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], n_tokens: int):
+        super().__init__()
+        text = getattr(clip, "text", clip)  # CustomTextCLIP keeps the tower in .text
+        if getattr(text, "cls_emb", None) is not None:
+            raise TypeError("text towers with an appended class token (CoCa) are not supported")
+        self.clip = [clip]  # a list hides the frozen backbone from this module's parameters
+        self.text = [text]
+        self.n_tokens = n_tokens
+        placeholder = " ".join(["X"] * n_tokens)
+        ids = tokenizer([f"{placeholder} {name}." for name in class_names])
+        self.register_buffer("token_ids", ids, persistent=False)
+
+    def forward(self, prompts: torch.Tensor) -> torch.Tensor:
+        """prompts: (L, B, W_text) → class embeddings (C, E), not normalised."""
+        text, ids, b = self.text[0], self.token_ids, self.n_tokens
+        n = ids.shape[0]
+        dtype = text.transformer.get_cast_dtype()
+        x = text.token_embedding(ids).to(dtype)
+        x = torch.cat([x[:, :1], prompts[0].to(dtype).expand(n, -1, -1), x[:, 1 + b:]], dim=1)
+        x = x + text.positional_embedding[: x.shape[1]].to(dtype)
+
+        def place(h, p):
+            return torch.cat([h[:, :1], p.to(h.dtype).expand(h.shape[0], -1, -1), h[:, 1 + b:]], dim=1)
+
+        mask = text.attn_mask
+        mask = mask[: x.shape[1], : x.shape[1]] if mask is not None else None
+        x = _run_blocks(text.transformer, x, prompts, place, attn_mask=mask)
+        x = text.ln_final(x)
+        pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        eos = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        pooled = text_global_pool(x, ids, pool, eos_token_id=eos)
+        proj = text.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
+class PromptedVisionEncoder(nn.Module):
+    """Runs an open_clip ``VisionTransformer`` with B vision prompts in its first L layers."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        visual = clip.visual
+        if not hasattr(visual, "_embeds") or not hasattr(visual, "_pool"):
+            raise TypeError(f"{type(visual).__name__} is not an open_clip VisionTransformer; "
+                            "deep prompts need a ViT image tower")
+        self.visual = [visual]
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, H, W); prompts: (L, B, W_vision) → image embeddings (N, E)."""
+        visual = self.visual[0]
+        b = prompts.shape[1]
+        x = visual._embeds(images)
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+
+        def place(h, p):
+            return torch.cat([h[:, :-b], p.to(h.dtype).expand(h.shape[0], -1, -1)], dim=1)
+
+        x = _run_blocks(visual.transformer, x, prompts, place)
+        pooled, _ = visual._pool(x[:, :-b])
+        return pooled @ visual.proj if visual.proj is not None else pooled

@@ -1,0 +1,175 @@
+"""MiraGe (arXiv 2508.01525): frozen CLIP + deep multimodal prompts + text-anchored SupCon.
+
+Re-implementation (no official code exists). The image embedding h comes from the prompted
+vision tower, the anchors e_Real/e_Fake from the prompted text tower on the class prompts
+"X X Real." / "X X Fake.". Logits are logit_scale·cos(h, e_c) (CLIP's frozen scale) and
+
+    L = L_ce + α·L_dis,
+
+where L_dis is SupCon's L_out over the pool batch ∪ {e_Real, e_Fake} ∪ memory bank (M past,
+detached image embeddings; FIFO), each image's positives being the same-label pool members
+and its class anchor (see ``aigid.ops.supcon_bank_loss``). Only the prompts and their couplings
+F_i train. Label 0 is real, 1 is fake; ``predict`` returns P(fake).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aigid import ops
+from aigid.data.images import load_rgb
+from aigid.data.transforms import eval_transform
+from aigid.models.clip_backbone import build_backbone
+from aigid.models.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
+from aigid.models.memory_bank import MemoryBank
+
+CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FILE = "config.json", "model.safetensors", "backbone.safetensors"
+
+
+@dataclass
+class MiraGeConfig:
+    backbone: dict[str, Any]
+    class_names: list[str] = field(default_factory=lambda: ["Real", "Fake"])
+    prompt_tokens: int = 2     # B
+    prompt_depth: int = 9      # L
+    alpha: float = 0.3         # weight of L_dis (paper: 0.1–0.6)
+    temperature: float = 0.07  # τ of L_dis (SupContrast's default)
+    bank_size: int = 64        # M
+    preprocess: Optional[dict[str, Any]] = None  # filled from the backbone when None
+    arch: str = "mirage"
+
+    @classmethod
+    def named(cls, name: str) -> "MiraGeConfig":
+        """A shipped config: ``tiny`` or ``vit-l-14`` (files in aigid/models/configs/)."""
+        path = resources.files("aigid.models") / "configs" / f"mirage-{name}.json"
+        if not path.is_file():
+            raise ValueError(f"no shipped MiraGe config {name!r} (tiny, vit-l-14)")
+        return cls(**json.loads(path.read_text()))
+
+
+ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
+
+
+class MiraGe(nn.Module):
+    def __init__(self, config: MiraGeConfig, cache_dir: Optional[str] = None, seed: int = 0):
+        super().__init__()
+        backbone = build_backbone(config.backbone, cache_dir=cache_dir)
+        if config.preprocess is None:
+            config.preprocess = backbone.preprocess
+        self.config = config
+        self.backbone_has_weights = backbone.has_weights
+        self.clip = backbone.clip.eval().requires_grad_(False)
+        text_width = self.clip.token_embedding.weight.shape[1] if hasattr(self.clip, "token_embedding") \
+            else self.clip.text.width
+        vision_width = self.clip.visual.class_embedding.shape[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.prompts = DeepPrompts(config.prompt_tokens, config.prompt_depth, text_width, vision_width)
+        self.text_encoder = PromptedTextEncoder(self.clip, backbone.tokenizer, config.class_names,
+                                                config.prompt_tokens)
+        self.vision_encoder = PromptedVisionEncoder(self.clip)
+        embed_dim = self.clip.text_projection.shape[1] if isinstance(self.clip.text_projection, torch.Tensor) \
+            else self.clip.visual.output_dim
+        self.bank = MemoryBank(config.bank_size, embed_dim)
+        self._transform = eval_transform(config.preprocess)
+
+    # ---- embeddings and logits -------------------------------------------------------------
+    def train(self, mode: bool = True) -> "MiraGe":
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone never switches to training behaviour
+        return self
+
+    def anchors(self) -> torch.Tensor:
+        """(C, E) unit-norm class anchors e_c from the prompted text tower."""
+        return F.normalize(self.text_encoder(self.prompts.text).float(), dim=-1)
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, E) unit-norm image embeddings h from the prompted vision tower."""
+        return F.normalize(self.vision_encoder(pixels, self.prompts.vision()).float(), dim=-1)
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, e = self.embed_images(pixels), self.anchors()
+        logits = self.clip.logit_scale.exp().float() * h @ e.T
+        return {"logits": logits, "image_embeds": h, "anchors": e}
+
+    def training_loss(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_ce + α·L_dis on one batch; pushes the batch's embeddings into the bank afterwards."""
+        out = self(pixels)
+        ce = F.cross_entropy(out["logits"], labels)
+        bank_feats, bank_labels = self.bank.view()
+        anchor_labels = torch.arange(out["anchors"].shape[0], device=labels.device)
+        dis = ops.supcon_bank_loss(out["image_embeds"], labels, bank_feats, bank_labels,
+                                   out["anchors"], anchor_labels, self.config.temperature)
+        self.bank.push(out["image_embeds"], labels)
+        return {"loss": ce + self.config.alpha * dis, "ce": ce.detach(), "dis": dis.detach(),
+                "logits": out["logits"].detach()}
+
+    # ---- inference ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.prompts.text.device
+
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """PIL images / paths / a batch tensor → normalised pixels on this model's device."""
+        if isinstance(images, torch.Tensor):
+            batch = images if images.ndim == 4 else images[None]
+        else:
+            items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+            batch = torch.stack([self._transform(im if isinstance(im, Image.Image) else load_rgb(im))
+                                 for im in items])
+        return batch.to(self.device)
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput) -> torch.Tensor:
+        """P(fake) per image, (N,) float32 on CPU. Tensors must already be preprocessed."""
+        pixels = self.preprocess(images)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda)
+        with autocast:
+            logits = self(pixels)["logits"]
+        return logits.float().softmax(-1)[:, 1].cpu()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad}
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """config.json + model.safetensors (prompts and couplings only); a backbone without a
+        named source of weights (random init) is saved beside them in backbone.safetensors."""
+        os.makedirs(directory, exist_ok=True)
+        config = asdict(self.config)
+        if not self.backbone_has_weights:
+            clip_state = {k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}
+            save_file(clip_state, os.path.join(directory, BACKBONE_FILE))
+            config["backbone"] = {**config["backbone"], "pretrained": None, "weights_file": BACKBONE_FILE}
+        save_file(self.trainable_state_dict(), os.path.join(directory, WEIGHTS_FILE))
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], cache_dir: Optional[str] = None,
+                        map_location: str = "cpu") -> "MiraGe":
+        with open(os.path.join(directory, CONFIG_FILE)) as f:
+            raw = json.load(f)
+        backbone = dict(raw["backbone"])
+        weights_file = backbone.pop("weights_file", None)
+        raw["backbone"] = backbone
+        model = cls(MiraGeConfig(**raw), cache_dir=cache_dir)
+        if weights_file:
+            model.clip.load_state_dict(load_file(os.path.join(directory, weights_file), device=map_location))
+            model.backbone_has_weights = False
+        state = load_file(os.path.join(directory, WEIGHTS_FILE), device=map_location)
+        expected = set(model.trainable_state_dict())
+        if set(state) != expected:
+            raise ValueError(f"checkpoint tensors {sorted(set(state) ^ expected)} do not match this "
+                             f"config's trainable tensors")
+        model.load_state_dict(state, strict=False)
+        return model

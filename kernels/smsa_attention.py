@@ -1,0 +1,567 @@
+"""Fused SMSA attention: non-causal attention of one query stream over several K/V sources.
+
+UniGenDet's SMSA lets the detection tokens' queries read the keys/values of several streams
+([generation latents; detection; text]). The plain way concatenates the sources and calls SDPA;
+this kernel reads every source in place from its own pointer (up to ``MAX_SOURCES``), so there is
+no ``torch.cat`` copy, no GQA ``repeat_interleave`` and no ``L_q × ΣL_s`` matrix, forward or
+backward. Ground truth: ``aigid.kernels.reference.smsa_attention_reference``.
+
+Shapes: q (B, H_q, L_q, d); source s: k_s, v_s (B, H_kv, L_s, d) with H_q = G·H_kv (query head h
+reads key/value head h // G, as ``repeat_interleave`` does); optional valid key lengths (B,) per
+source: keys at positions ≥ lengths[s][b] are ignored and their key blocks are never loaded. A
+batch row with no valid key in any source gets a zero output (and zero gradients).
+
+Design (flash-attention 2 style, written from its published algorithm):
+
+* forward ``_fwd_kernel``, grid (⌈L_q/BLOCK_M⌉, B·H_q): one program keeps a Q block in registers
+  and runs the online softmax over the valid key blocks of source 0, then 1, ... (scores in base 2,
+  ``exp2``, fp32 accumulators); it stores O and the row log-sum-exp (base 2, of the scaled scores;
+  +inf for rows without keys so that recomputed probabilities are exactly 0).
+* backward ``_bwd_preprocess``: delta = rowsum(dO ∘ O), fp32, grid over query blocks.
+* ``_bwd_dkdv_kernel``, flat grid (Σ_s ⌈L_s/BLOCK_N⌉, B·H_kv): one program owns one key block of
+  one source and one KV head; it loops over the G query heads of its group and over all query
+  blocks, recomputing P = exp2(QKᵀ·c − lse) and accumulating dV += Pᵀ dO, dK += dSᵀ Q in fp32
+  registers. The GQA reduction therefore happens in-kernel; every dK/dV element is written by
+  exactly one program (no atomics, deterministic). Key blocks past the valid length skip the
+  loop and store zeros.
+* ``_bwd_dq_kernel``, grid (⌈L_q/BLOCK_M⌉, B·H_q): dQ for one query block over all sources' valid
+  key blocks. A separate kernel rather than atomics in the dK/dV pass: dQ stays deterministic,
+  needs no fp32 scratch buffer nor a conversion pass, and atomics would contend across the G
+  heads × all key blocks of every source that hit the same dQ rows. It costs one extra QKᵀ and
+  dO Vᵀ recomputation, as in the Triton flash-attention tutorial.
+
+Head dims: powers of two from 16 to 128. Dtypes: fp16 and bf16 (fp32 accumulation) and fp32
+(exact IEEE dots, used by the CPU interpreter tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_SOURCES", "SUPPORTED_HEAD_DIMS", "SMSAAttentionFunction", "smsa_attention_triton",
+           "unsupported_reason"]
+
+MAX_SOURCES = 4
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _n_valid(LENS, s: tl.constexpr, B, off_b, L, HAS_LENS: tl.constexpr):
+    """Valid key count of source ``s`` for batch row ``off_b`` (lengths pre-clamped to [0, L])."""
+    if HAS_LENS:
+        n = tl.load(LENS + s * B + off_b)
+    else:
+        n = L
+    return n
+
+
+@triton.jit
+def _fwd_source(acc, m_i, l_i, q, K, V, skb, skh, skl, svb, svh, svl, off_b, off_hkv, n_valid,
+                qk_scale, offs_n, offs_d,
+                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    k_base = K + off_b * skb + off_hkv * skh
+    v_base = V + off_b * svb + off_hkv * svh
+    for start_n in range(0, n_valid, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_valid
+        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        # Every block visited holds at least one valid key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, Out, LSE, LENS,
+    K0, V0, K1, V1, K2, V2, K3, V3,
+    sqb, sqh, sql, sob, soh, sol,
+    sk0b, sk0h, sk0l, sv0b, sv0h, sv0l,
+    sk1b, sk1h, sk1l, sv1b, sv1h, sv1l,
+    sk2b, sk2h, sk2l, sv2b, sv2h, sv2l,
+    sk3b, sk3h, sk3l, sv3b, sv3h, sv3l,
+    L0, L1, L2, L3,
+    B, H_q, L_q, GROUP, qk_scale,
+    NUM_SOURCES: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_q).to(tl.int64)
+    off_h = (pid_bh % H_q).to(tl.int64)
+    off_hkv = off_h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L_q
+
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    n0 = _n_valid(LENS, 0, B, off_b, L0, HAS_LENS)
+    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K0, V0, sk0b, sk0h, sk0l, sv0b, sv0h, sv0l,
+                                off_b, off_hkv, n0, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 1:
+        n1 = _n_valid(LENS, 1, B, off_b, L1, HAS_LENS)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K1, V1, sk1b, sk1h, sk1l, sv1b, sv1h, sv1l,
+                                    off_b, off_hkv, n1, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 2:
+        n2 = _n_valid(LENS, 2, B, off_b, L2, HAS_LENS)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K2, V2, sk2b, sk2h, sk2l, sv2b, sv2h, sv2l,
+                                    off_b, off_hkv, n2, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 3:
+        n3 = _n_valid(LENS, 3, B, off_b, L3, HAS_LENS)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K3, V3, sk3b, sk3h, sk3l, sv3b, sv3h, sv3l,
+                                    off_b, off_hkv, n3, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without keys: acc == 0 -> 0
+    lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None] * sol + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * L_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Delta, sob, soh, sol, sdb, sdh, sdl, H_q, L_q,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_q).to(tl.int64)
+    off_h = (pid_bh % H_q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L_q
+    o = tl.load(Out + off_b * sob + off_h * soh + offs_m[:, None] * sol + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdl + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * L_q + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dq_source(dq, q, do, lse, delta, K, V, skb, skh, skl, svb, svh, svl, off_b, off_hkv, n_valid,
+               qk_scale, offs_n, offs_d, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    k_base = K + off_b * skb + off_hkv * skh
+    v_base = V + off_b * svb + off_hkv * svh
+    for start_n in range(0, n_valid, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_valid
+        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, DO, DQ, LSE, Delta, LENS,
+    K0, V0, K1, V1, K2, V2, K3, V3,
+    sqb, sqh, sql, sdb, sdh, sdl, sgb, sgh, sgl,
+    sk0b, sk0h, sk0l, sv0b, sv0h, sv0l,
+    sk1b, sk1h, sk1l, sv1b, sv1h, sv1l,
+    sk2b, sk2h, sk2l, sv2b, sv2h, sv2l,
+    sk3b, sk3h, sk3l, sv3b, sv3h, sv3l,
+    L0, L1, L2, L3,
+    B, H_q, L_q, GROUP, sm_scale, qk_scale,
+    NUM_SOURCES: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_q).to(tl.int64)
+    off_h = (pid_bh % H_q).to(tl.int64)
+    off_hkv = off_h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L_q
+
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdl + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    row_base = pid_bh.to(tl.int64) * L_q
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    n0 = _n_valid(LENS, 0, B, off_b, L0, HAS_LENS)
+    dq = _dq_source(dq, q, do, lse, delta, K0, V0, sk0b, sk0h, sk0l, sv0b, sv0h, sv0l,
+                    off_b, off_hkv, n0, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 1:
+        n1 = _n_valid(LENS, 1, B, off_b, L1, HAS_LENS)
+        dq = _dq_source(dq, q, do, lse, delta, K1, V1, sk1b, sk1h, sk1l, sv1b, sv1h, sv1l,
+                        off_b, off_hkv, n1, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 2:
+        n2 = _n_valid(LENS, 2, B, off_b, L2, HAS_LENS)
+        dq = _dq_source(dq, q, do, lse, delta, K2, V2, sk2b, sk2h, sk2l, sv2b, sv2h, sv2l,
+                        off_b, off_hkv, n2, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 3:
+        n3 = _n_valid(LENS, 3, B, off_b, L3, HAS_LENS)
+        dq = _dq_source(dq, q, do, lse, delta, K3, V3, sk3b, sk3h, sk3l, sv3b, sv3h, sv3l,
+                        off_b, off_hkv, n3, qk_scale, offs_n, offs_d, BLOCK_N, DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * sgb + off_h * sgh + offs_m[:, None] * sgl + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_block(Q, DO, LSE, Delta, K, V, DK, DV,
+                sqb, sqh, sql, sdb, sdh, sdl,
+                skb, skh, skl, svb, svh, svl, sgb, sgh, sgl,
+                off_b, off_hkv, start_n, L, n_valid, H_q, L_q, GROUP, sm_scale, qk_scale,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < n_valid
+    k = tl.load(K + off_b * skb + off_hkv * skh + offs_n[:, None] * skl + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * svb + off_hkv * svh + offs_n[:, None] * svl + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    # A block past the valid length reads no query and stores zeros.
+    m_end = tl.where(start_n < n_valid, L_q, 0)
+    for g in range(0, GROUP):
+        off_h = off_hkv * GROUP + g
+        q_base = Q + off_b * sqb + off_h * sqh
+        do_base = DO + off_b * sdb + off_h * sdh
+        row_base = (off_b * H_q + off_h) * L_q
+        for start_m in range(0, m_end, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < L_q
+            q = tl.load(q_base + rows[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdl + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
+            p_t = tl.math.exp2(qk_t - lse[None, :])
+            p_t = tl.where(col_ok[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    store_ok = (offs_n < L)[:, None]
+    out_off = off_b * sgb + off_hkv * sgh + offs_n[:, None] * sgl + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=store_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, DO, LSE, Delta, LENS,
+    K0, V0, DK0, DV0, K1, V1, DK1, DV1, K2, V2, DK2, DV2, K3, V3, DK3, DV3,
+    sqb, sqh, sql, sdb, sdh, sdl,
+    sk0b, sk0h, sk0l, sv0b, sv0h, sv0l, sg0b, sg0h, sg0l,
+    sk1b, sk1h, sk1l, sv1b, sv1h, sv1l, sg1b, sg1h, sg1l,
+    sk2b, sk2h, sk2l, sv2b, sv2h, sv2l, sg2b, sg2h, sg2l,
+    sk3b, sk3h, sk3l, sv3b, sv3h, sv3l, sg3b, sg3h, sg3l,
+    L0, L1, L2, L3, END0, END1, END2,
+    B, H_q, H_kv, L_q, GROUP, sm_scale, qk_scale,
+    NUM_SOURCES: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Flat grid over the key blocks of all sources: [0, END0) -> source 0, [END0, END1) -> 1, ...
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_kv).to(tl.int64)
+    off_hkv = (pid_bh % H_kv).to(tl.int64)
+    if pid < END0:
+        n0 = _n_valid(LENS, 0, B, off_b, L0, HAS_LENS)
+        _dkdv_block(Q, DO, LSE, Delta, K0, V0, DK0, DV0, sqb, sqh, sql, sdb, sdh, sdl,
+                    sk0b, sk0h, sk0l, sv0b, sv0h, sv0l, sg0b, sg0h, sg0l,
+                    off_b, off_hkv, pid * BLOCK_N, L0, n0, H_q, L_q, GROUP, sm_scale, qk_scale,
+                    D, BLOCK_M, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 1:
+        if (pid >= END0) & (pid < END1):
+            n1 = _n_valid(LENS, 1, B, off_b, L1, HAS_LENS)
+            _dkdv_block(Q, DO, LSE, Delta, K1, V1, DK1, DV1, sqb, sqh, sql, sdb, sdh, sdl,
+                        sk1b, sk1h, sk1l, sv1b, sv1h, sv1l, sg1b, sg1h, sg1l,
+                        off_b, off_hkv, (pid - END0) * BLOCK_N, L1, n1, H_q, L_q, GROUP,
+                        sm_scale, qk_scale, D, BLOCK_M, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 2:
+        if (pid >= END1) & (pid < END2):
+            n2 = _n_valid(LENS, 2, B, off_b, L2, HAS_LENS)
+            _dkdv_block(Q, DO, LSE, Delta, K2, V2, DK2, DV2, sqb, sqh, sql, sdb, sdh, sdl,
+                        sk2b, sk2h, sk2l, sv2b, sv2h, sv2l, sg2b, sg2h, sg2l,
+                        off_b, off_hkv, (pid - END1) * BLOCK_N, L2, n2, H_q, L_q, GROUP,
+                        sm_scale, qk_scale, D, BLOCK_M, BLOCK_N, DOT_PREC)
+    if NUM_SOURCES > 3:
+        if pid >= END2:
+            n3 = _n_valid(LENS, 3, B, off_b, L3, HAS_LENS)
+            _dkdv_block(Q, DO, LSE, Delta, K3, V3, DK3, DV3, sqb, sqh, sql, sdb, sdh, sdl,
+                        sk3b, sk3h, sk3l, sv3b, sv3h, sv3l, sg3b, sg3h, sg3l,
+                        off_b, off_hkv, (pid - END2) * BLOCK_N, L3, n3, H_q, L_q, GROUP,
+                        sm_scale, qk_scale, D, BLOCK_M, BLOCK_N, DOT_PREC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch_config(d: int, device: torch.device) -> dict:
+    """Block sizes and warps per kernel.
+
+    Each entry is (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
+    Under the CPU interpreter small 16×16 blocks keep tests fast and put block edges inside the
+    test lengths. On CUDA the tiles are the largest that ptxas compiles (bf16, three sources)
+    with at most ~200 bytes of register spill on sm_80 and sm_90a: forward 128×64; dK/dV, which
+    holds two BLOCK_N×d fp32 accumulators, 32×128 for d ≤ 64 and 64×64 at d = 128; dQ 128×32.
+    Three pipeline stages where the GPU has ≥ 160 KiB of shared memory per block (A100/H100),
+    else two. These were chosen from compile reports, not timings: tune them on the target GPU.
+    """
+    if device.type != "cuda" or _interpreting():
+        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1), pre=16)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    stages = 3 if smem >= 160 * 1024 else 2
+    if d <= 64:
+        return dict(fwd=(128, 64, 4, stages), dkdv=(32, 128, 8, stages),
+                    dq=(128, 32, 8, stages), pre=128)
+    return dict(fwd=(128, 64, 8, stages), dkdv=(64, 64, 8, 2), dq=(128, 32, 8, stages), pre=64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side
+# ----------------------------------------------------------------------------------------------
+
+def unsupported_reason(q: torch.Tensor, kv_sources: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                       ) -> Optional[str]:
+    """Why the kernel cannot run these inputs (None when it can). Shapes are assumed consistent."""
+    if not 1 <= len(kv_sources) <= MAX_SOURCES:
+        return f"the kernel takes 1 to {MAX_SOURCES} K/V sources, got {len(kv_sources)}"
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {d} is not supported by the kernel (supported: {SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported by the kernel (fp16, bf16, fp32)"
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"batch × query heads = {q.shape[0] * q.shape[1]} exceeds the grid limit 65535"
+    return None
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _lengths_tensor(kv_lengths, sources, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """(S, B) int32 valid key counts clamped to [0, L_s], or None when every key is valid."""
+    if kv_lengths is None or all(n is None for n in kv_lengths):
+        return None
+    rows = []
+    for (k_s, _), n in zip(sources, kv_lengths):
+        l_s = k_s.shape[2]
+        if n is None:
+            rows.append(torch.full((batch,), l_s, dtype=torch.int32, device=device))
+        else:
+            rows.append(n.to(device=device, dtype=torch.int32).clamp(0, l_s))
+    return torch.stack(rows).contiguous()
+
+
+def _source_fwd_args(sources):
+    """Pointers, strides and lengths of the sources, padded to MAX_SOURCES with dummies."""
+    ptrs, strides, lengths = [], [], []
+    for i in range(MAX_SOURCES):
+        if i < len(sources):
+            k, v = sources[i]
+            ptrs += [k, v]
+            strides += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)]
+            lengths.append(k.shape[2])
+        else:
+            ptrs += [sources[0][0], sources[0][1]]
+            strides += [0] * 6
+            lengths.append(0)
+    return ptrs, strides, lengths
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact IEEE products like torch's SDPA; fp16/bf16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, sources, lens, scale):
+    b, h_q, l_q, d = q.shape
+    h_kv = sources[0][0].shape[1]
+    cfg = _launch_config(d, q.device)
+    block_m, block_n, warps, stages = cfg["fwd"]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, h_q, l_q), dtype=torch.float32, device=q.device)
+    ptrs, strides, lengths = _source_fwd_args(sources)
+    grid = (triton.cdiv(l_q, block_m), b * h_q)
+    _fwd_kernel[grid](
+        q, out, lse, lens if lens is not None else q, *ptrs,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *strides, *lengths,
+        b, h_q, l_q, h_q // h_kv, scale * _LOG2E,
+        NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _backward(do, q, out, lse, sources, lens, scale, need_dq=True, need_dkv=True):
+    b, h_q, l_q, d = q.shape
+    h_kv = sources[0][0].shape[1]
+    group = h_q // h_kv
+    cfg = _launch_config(d, q.device)
+    prec = _dot_precision(q.dtype)
+    ptrs, strides, lengths = _source_fwd_args(sources)
+    lens_arg = lens if lens is not None else q
+
+    delta = torch.empty_like(lse)
+    block_pre = cfg["pre"]
+    _bwd_preprocess[(triton.cdiv(l_q, block_pre), b * h_q)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), h_q, l_q, D=d, BLOCK_M=block_pre)
+
+    # dK, dV: one program per (key block of some source, batch row, KV head); dK and dV are
+    # allocated contiguous, so they share strides.
+    grads = [(None, None)] * len(sources)
+    if need_dkv:
+        block_m, block_n, warps, stages = cfg["dkdv"]
+        grads = [(torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                  torch.empty(v.shape, dtype=v.dtype, device=v.device)) for k, v in sources]
+        kv_args, stride_args, ends = [], [], []
+        total = 0
+        for i in range(MAX_SOURCES):
+            if i < len(sources):
+                k, v = sources[i]
+                dk, dv = grads[i]
+                kv_args += [k, v, dk, dv]
+                stride_args += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                                v.stride(2), dk.stride(0), dk.stride(1), dk.stride(2)]
+                total += triton.cdiv(k.shape[2], block_n)
+            else:
+                kv_args += [q, q, q, q]
+                stride_args += [0] * 9
+            ends.append(total)
+        if total > 0:
+            _bwd_dkdv_kernel[(total, b * h_kv)](
+                q, do, lse, delta, lens_arg, *kv_args,
+                q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                *stride_args, *lengths, ends[0], ends[1], ends[2],
+                b, h_q, h_kv, l_q, group, scale, scale * _LOG2E,
+                NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
+                BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+            )
+
+    if not need_dq:
+        return None, grads
+    # dQ: one program per query block, over every source's valid key blocks.
+    block_m, block_n, warps, stages = cfg["dq"]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _bwd_dq_kernel[(triton.cdiv(l_q, block_m), b * h_q)](
+        q, do, dq, lse, delta, lens_arg, *ptrs,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *strides, *lengths,
+        b, h_q, l_q, group, scale, scale * _LOG2E,
+        NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    )
+    return dq, grads
+
+
+class SMSAAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: ``apply(q, lens, scale, k_0, v_0, k_1, v_1, ...)``.
+
+    ``lens`` is the (S, B) int32 valid-length table from ``_lengths_tensor`` or None; inputs have
+    a contiguous last dim (``smsa_attention_triton`` sees to that).
+    """
+
+    @staticmethod
+    def forward(ctx, q, lens, scale, *kv_flat):
+        sources = [(kv_flat[i], kv_flat[i + 1]) for i in range(0, len(kv_flat), 2)]
+        if q.numel() == 0:
+            out = torch.zeros_like(q)
+            lse = torch.empty((*q.shape[:3],), dtype=torch.float32, device=q.device)
+        else:
+            out, lse = _forward(q, sources, lens, scale)
+        ctx.save_for_backward(q, out, lse, *((lens,) if lens is not None else ()), *kv_flat)
+        ctx.has_lens = lens is not None
+        ctx.scale = scale
+        ctx.num_sources = len(sources)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        q, out, lse = saved[:3]
+        lens = saved[3] if ctx.has_lens else None
+        kv_flat = saved[4:] if ctx.has_lens else saved[3:]
+        sources = [(kv_flat[i], kv_flat[i + 1]) for i in range(0, len(kv_flat), 2)]
+        if q.numel() == 0:
+            dq = torch.zeros_like(q)
+            grads = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in sources]
+        else:
+            do = _last_dim_contiguous(grad_out)
+            need = ctx.needs_input_grad
+            dq, grads = _backward(do, q, out, lse, sources, lens, ctx.scale,
+                                  need_dq=need[0], need_dkv=any(need[3:]))
+        flat_grads = [g for pair in grads for g in pair]
+        return (dq, None, None, *flat_grads)
+
+
+def smsa_attention_triton(
+    q: torch.Tensor,
+    kv_sources: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    kv_lengths: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused SMSA attention (see the module docstring); same contract as the reference.
+
+    Raises ValueError for inputs the kernel does not take (more than ``MAX_SOURCES`` sources,
+    head dims outside ``SUPPORTED_HEAD_DIMS``, other dtypes). Callers normally go through
+    ``aigid.ops.smsa_attention``, which validates shapes and falls back to the reference.
+    """
+    sources = [(k, v) for k, v in kv_sources]
+    reason = unsupported_reason(q, sources)
+    if reason is not None:
+        raise ValueError(f"smsa_attention_triton: {reason}")
+    if kv_lengths is not None and len(kv_lengths) != len(sources):
+        raise ValueError("kv_lengths needs one entry (or None) per source")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    q = _last_dim_contiguous(q)
+    sources = [(_last_dim_contiguous(k), _last_dim_contiguous(v)) for k, v in sources]
+    lens = _lengths_tensor(kv_lengths, sources, q.shape[0], q.device)
+    flat = [t for pair in sources for t in pair]
+    return SMSAAttentionFunction.apply(q, lens, scale, *flat)

@@ -1,0 +1,349 @@
+"""The fused SMSA attention kernel against its plain-PyTorch reference, and its dispatch.
+
+On CPU the Triton kernel runs under ``TRITON_INTERPRET=1`` (set by conftest.py) at small sizes in
+fp32 with 16×16 blocks, so the lengths below put block edges inside every source. GPU tests
+(``-m gpu``) check bf16/fp16 parity at realistic sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aigid import backends, ops
+from aigid.kernels.reference import smsa_attention_reference
+
+smsa_kernel = pytest.importorskip("aigid.kernels.smsa_attention", reason="needs Triton")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+# The kernel path runs on CUDA, or on CPU under the interpreter.
+needs_kernel_device = pytest.mark.skipif(
+    not (CUDA or backends.triton_interpret()),
+    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+ATOL = RTOL = 1e-4
+
+
+def _inputs(b, h_q, h_kv, l_q, lengths, d, dtype=torch.float32, device=DEV):
+    q = torch.randn(b, h_q, l_q, d, device=device, dtype=dtype, requires_grad=True)
+    sources = [(torch.randn(b, h_kv, n, d, device=device, dtype=dtype, requires_grad=True),
+                torch.randn(b, h_kv, n, d, device=device, dtype=dtype, requires_grad=True))
+               for n in lengths]
+    return q, sources
+
+
+def _run(fn, q, sources, kv_lengths, grad_out, scale=None):
+    out = fn(q, sources, kv_lengths, scale)
+    leaves = [q] + [t for pair in sources for t in pair]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+def _kernel(q, sources, kv_lengths, scale):
+    return ops.smsa_attention(q, sources, kv_lengths, scale, backend="triton")
+
+
+def _assert_matches(q, sources, kv_lengths=None, scale=None, atol=ATOL, rtol=RTOL):
+    grad_out = torch.randn_like(q)
+    out, grads = _run(_kernel, q, sources, kv_lengths, grad_out, scale)
+    out_ref, grads_ref = _run(smsa_attention_reference, q, sources, kv_lengths, grad_out, scale)
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    names = ["dq"] + [f"d{kv}_{i}" for i in range(len(sources)) for kv in ("k", "v")]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    return out, grads
+
+
+def _lengths(values, device=DEV):
+    return [None if v is None else torch.tensor(v, device=device) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the reference (interpreter on CPU, fp32)
+# ---------------------------------------------------------------------------------------------
+
+@needs_kernel_device
+@pytest.mark.parametrize(
+    "b, h_q, h_kv, l_q, src_lens, d",
+    [
+        (1, 2, 2, 40, (40,), 32),          # one source, MHA, two-and-a-half key blocks
+        (2, 4, 2, 17, (17, 33), 16),       # two sources, GQA 2, lengths off the block size
+        (2, 4, 1, 37, (20, 33, 9), 16),    # three sources, GQA 4
+        (1, 2, 1, 16, (5, 16, 31), 32),    # exact query block, GQA 2, d = 32
+    ],
+)
+def test_matches_reference(b, h_q, h_kv, l_q, src_lens, d):
+    q, sources = _inputs(b, h_q, h_kv, l_q, src_lens, d)
+    _assert_matches(q, sources)
+
+
+@needs_kernel_device
+def test_padding_masks_and_empty_rows():
+    # Batch row 1 has no key in source 0; batch row 2 has no key in any source (zero output,
+    # zero gradients), so its key blocks are never read.
+    b, h_q, h_kv, l_q, d = 3, 4, 2, 19, 16
+    q, sources = _inputs(b, h_q, h_kv, l_q, (21, 34, 7), d)
+    kv_lengths = _lengths([[21, 0, 0], [3, 17, 0], [7, 5, 0]])
+    out, grads = _assert_matches(q, sources, kv_lengths)
+    assert torch.all(out[2] == 0)
+    assert all(torch.all(g[2] == 0) for g in grads)
+    # Keys past their valid length get no gradient.
+    dk1, dv1 = grads[3], grads[4]
+    assert torch.all(dk1[0, :, 3:] == 0) and torch.all(dv1[1, :, 17:] == 0)
+
+
+@needs_kernel_device
+def test_lengths_beyond_source_are_clamped_and_scale_is_honoured():
+    q, sources = _inputs(2, 2, 1, 12, (18, 9), 16)
+    _assert_matches(q, sources, _lengths([[40, 18], [9, 3]]), scale=0.37)
+
+
+@needs_kernel_device
+def test_four_sources():
+    q, sources = _inputs(1, 2, 1, 9, (3, 17, 1, 12), 16)
+    _assert_matches(q, sources, _lengths([None, [10], None, [0]]))
+
+
+@needs_kernel_device
+def test_reads_strided_views_of_a_packed_buffer_in_place():
+    # K/V of all sources packed as (B, ΣL, 2, H_kv, d), q as (B, L_q, H_q, d): the kernel takes the
+    # strided (B, H, L, d) views directly, and gradients reach the packed buffers.
+    b, h_q, h_kv, l_q, d, src_lens = 2, 4, 2, 18, 16, (11, 20)
+    packed = torch.randn(b, sum(src_lens), 2, h_kv, d, device=DEV, requires_grad=True)
+    q_raw = torch.randn(b, l_q, h_q, d, device=DEV, requires_grad=True)
+    grad_out = torch.randn(b, h_q, l_q, d, device=DEV)
+
+    def run(fn):
+        q = q_raw.transpose(1, 2)
+        sources, start = [], 0
+        for n in src_lens:
+            chunk = packed[:, start:start + n]
+            sources.append((chunk[:, :, 0].transpose(1, 2), chunk[:, :, 1].transpose(1, 2)))
+            start += n
+        assert not sources[0][0].is_contiguous()
+        out = fn(q, sources, [torch.tensor([11, 4], device=DEV), None], None)
+        return (out, *torch.autograd.grad(out, [q_raw, packed], grad_out))
+
+    for got, want in zip(run(_kernel), run(smsa_attention_reference)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@needs_kernel_device
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_ragged_batches(data):
+    n_src = data.draw(st.integers(1, 3), label="sources")
+    b = data.draw(st.integers(1, 2), label="batch")
+    group = data.draw(st.sampled_from([1, 2]), label="gqa")
+    l_q = data.draw(st.integers(1, 20), label="l_q")
+    src_lens = [data.draw(st.integers(1, 24), label=f"L_{i}") for i in range(n_src)]
+    kv_lengths = [data.draw(st.none() | st.lists(st.integers(0, n), min_size=b, max_size=b),
+                            label=f"lengths_{i}") for i, n in enumerate(src_lens)]
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    q, sources = _inputs(b, group, 1, l_q, src_lens, 16)
+    _assert_matches(q, sources, _lengths(kv_lengths))
+
+
+@needs_kernel_device
+def test_kernel_function_and_autograd_function_directly():
+    q, sources = _inputs(1, 2, 1, 10, (7, 12), 16)
+    out = smsa_kernel.smsa_attention_triton(q, sources)
+    torch.testing.assert_close(out, smsa_attention_reference(q, sources), atol=ATOL, rtol=RTOL)
+    assert issubclass(smsa_kernel.SMSAAttentionFunction, torch.autograd.Function)
+    # Only q trainable (frozen K/V caches), then only K/V trainable: the skipped kernels leave the
+    # requested gradients intact.
+    grad_out = torch.randn_like(q)
+    frozen = [(k.detach(), v.detach()) for k, v in sources]
+    dq, = torch.autograd.grad(smsa_kernel.smsa_attention_triton(q, frozen), [q], grad_out)
+    dq_ref, = torch.autograd.grad(smsa_attention_reference(q, frozen), [q], grad_out)
+    torch.testing.assert_close(dq, dq_ref, atol=ATOL, rtol=RTOL)
+    q_frozen = q.detach()
+    leaves = [t for pair in sources for t in pair]
+    got = torch.autograd.grad(smsa_kernel.smsa_attention_triton(q_frozen, sources), leaves, grad_out)
+    want = torch.autograd.grad(smsa_attention_reference(q_frozen, sources), leaves, grad_out)
+    for g, g_ref in zip(got, want):
+        torch.testing.assert_close(g, g_ref, atol=ATOL, rtol=RTOL)
+
+
+@needs_kernel_device
+def test_unsupported_inputs_raise_clear_errors_on_the_kernel():
+    q, sources = _inputs(1, 2, 1, 4, (3,), 24, device="cpu")
+    with pytest.raises(ValueError, match="head dim 24"):
+        smsa_kernel.smsa_attention_triton(q, sources)
+    q, sources = _inputs(1, 2, 1, 4, (3,) * 5, 16, device="cpu")
+    with pytest.raises(ValueError, match="1 to 4"):
+        smsa_kernel.smsa_attention_triton(q, sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and validation in aigid.ops
+# ---------------------------------------------------------------------------------------------
+
+def _small_cpu(d=16, n_src=2, device="cpu"):
+    return _inputs(1, 2, 1, 5, (3, 6, 4, 2, 5)[:n_src], d, device=device)
+
+
+def test_auto_on_cpu_uses_the_reference():
+    q, sources = _small_cpu()
+    out = ops.smsa_attention(q, sources)
+    assert backends.chosen()["smsa"] == "reference"
+    torch.testing.assert_close(out, smsa_attention_reference(q, sources))
+
+
+@pytest.mark.skipif(not backends.triton_interpret(), reason="needs TRITON_INTERPRET=1 on CPU")
+def test_explicit_triton_on_cpu_runs_the_kernel_under_the_interpreter(monkeypatch):
+    calls = []
+    real = smsa_kernel.smsa_attention_triton
+    monkeypatch.setattr(smsa_kernel, "smsa_attention_triton",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, sources = _small_cpu()
+    out = ops.smsa_attention(q, sources, backend="triton")
+    assert calls and backends.chosen()["smsa"] == "triton"
+    torch.testing.assert_close(out, smsa_attention_reference(q, sources), atol=ATOL, rtol=RTOL)
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, sources = _small_cpu()
+    with pytest.raises(RuntimeError, match="Triton needs CUDA"):
+        ops.smsa_attention(q, sources, backend="triton")
+
+
+def test_force_reference_env(monkeypatch):
+    # Pretend Triton may run here, then force the reference.
+    monkeypatch.setattr(backends, "triton_usable", lambda device, explicit=False: True)
+    monkeypatch.setenv("AIGID_FORCE_REFERENCE", "1")
+    q, sources = _small_cpu()
+    ops.smsa_attention(q, sources)
+    assert backends.chosen()["smsa"] == "reference"
+
+
+@needs_kernel_device
+def test_auto_picks_the_kernel_only_for_supported_inputs(monkeypatch):
+    # With Triton usable on this device, auto runs the kernel for supported shapes and falls back
+    # to the reference for head dims or source counts the kernel does not take.
+    monkeypatch.setattr(backends, "triton_usable", lambda device, explicit=False: True)
+    q, sources = _small_cpu(d=16, device=DEV)
+    ops.smsa_attention(q, sources)
+    assert backends.chosen()["smsa"] == "triton"
+    for q, sources in (_small_cpu(d=24, device=DEV), _small_cpu(d=16, n_src=5, device=DEV)):
+        out = ops.smsa_attention(q, sources)
+        assert backends.chosen()["smsa"] == "reference"
+        torch.testing.assert_close(out, smsa_attention_reference(q, sources))
+
+
+def test_explicit_triton_with_unsupported_head_dim_raises():
+    q, sources = _small_cpu(d=24)
+    with pytest.raises(ValueError, match="head dim 24 is not supported"):
+        ops.smsa_attention(q, sources, backend="triton")
+
+
+def test_backend_reference_runs_anywhere():
+    q, sources = _small_cpu(d=24)
+    out = ops.smsa_attention(q, sources, backend="reference")
+    assert out.shape == q.shape and backends.chosen()["smsa"] == "reference"
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda q, s: (q[0], s, None), ValueError, "q must be"),
+        (lambda q, s: (q, [], None), ValueError, "at least one"),
+        (lambda q, s: (q[:, :1].expand(1, 3, 5, 16), [(s[0][0][:, :1].expand(1, 2, 3, 16),
+                                                      s[0][1][:, :1].expand(1, 2, 3, 16))], None),
+         ValueError, "multiple of key/value heads"),
+        (lambda q, s: (q, [(s[0][0], s[0][1][:, :, :2])], None), ValueError, "k and v must"),
+        (lambda q, s: (q, [s[0], (s[1][0][..., :8], s[1][1][..., :8])], None), ValueError, "d=16"),
+        (lambda q, s: (q, [(s[0][0].double(), s[0][1].double())], None), TypeError, "dtypes"),
+        (lambda q, s: (q, s, [None]), ValueError, "entries"),
+        (lambda q, s: (q, s, [torch.tensor([1.0]), None]), TypeError, "integers"),
+        (lambda q, s: (q, s, [torch.tensor([1, 2]), None]), ValueError, r"\(1,\) tensor"),
+    ],
+)
+def test_validation_errors(make, error, match):
+    q, sources = _small_cpu()
+    args = make(q, sources)
+    with pytest.raises(error, match=match):
+        ops.smsa_attention(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 / fp16 parity at realistic sizes (run with -m gpu on a CUDA machine)
+# ---------------------------------------------------------------------------------------------
+
+def _max_err(got, want):
+    return (got.float() - want.float()).abs().max().item()
+
+
+def _naive_low_precision(q, sources, kv_lengths, scale=None):
+    """Attention with every matmul rounded to q.dtype and P cast to q.dtype before P·V (as a
+    flash kernel does): flash-attention's yardstick for what low precision alone costs."""
+    h_q, d = q.shape[1], q.shape[3]
+    group = h_q // sources[0][0].shape[1]
+    k = torch.cat([k_s for k_s, _ in sources], 2).repeat_interleave(group, dim=1)
+    v = torch.cat([v_s for _, v_s in sources], 2).repeat_interleave(group, dim=1)
+    valid = torch.cat([
+        torch.arange(k_s.shape[2], device=q.device)[None, :]
+        < (n if n is not None else torch.full((q.shape[0],), k_s.shape[2], device=q.device))[:, None]
+        for (k_s, _), n in zip(sources, kv_lengths)], dim=1)
+    empty = ~valid.any(1)
+    scores = (q @ k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    scores = scores.float().masked_fill(~(valid | empty[:, None])[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, -1).to(q.dtype) @ v
+    return out.masked_fill(empty[:, None, None, None], 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_low_precision_parity(dtype, d):
+    # The kernel's error against an fp32 reference must stay within a few times the error of the
+    # same reference run in the low precision (flash-attention's test criterion).
+    b, h_q, h_kv, l_q, src_lens = 2, 16, 4, 1024, (1024, 777, 300)
+    q, sources = _inputs(b, h_q, h_kv, l_q, src_lens, d, dtype=dtype, device="cuda")
+    kv_lengths = [None, torch.tensor([777, 500], device="cuda"), torch.tensor([300, 0], device="cuda")]
+    grad_out = torch.randn_like(q)
+    out, grads = _run(_kernel, q, sources, kv_lengths, grad_out)
+    out_lp, grads_lp = _run(_naive_low_precision, q, sources, kv_lengths, grad_out)
+    q32 = q.detach().float().requires_grad_()
+    src32 = [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_())
+             for k, v in sources]
+    out32, grads32 = _run(smsa_attention_reference, q32, src32, kv_lengths, grad_out.float())
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _max_err(out, out32) <= 2 * _max_err(out_lp, out32) + 1e-4 * out32.abs().max().item()
+    for g, g_lp, g32 in zip(grads, grads_lp, grads32):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert _max_err(g, g32) <= 3 * _max_err(g_lp, g32) + 1e-4 * g32.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_matches_reference():
+    q, sources = _inputs(2, 8, 2, 300, (256, 129, 77), 64, device="cuda")
+    _assert_matches(q, sources, _lengths([[200, 256], None, [0, 77]], device="cuda"),
+                    atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_dispatch_picks_the_kernel():
+    q, sources = _inputs(1, 4, 1, 64, (64, 32), 64, dtype=torch.bfloat16, device="cuda")
+    ops.smsa_attention(q, sources)
+    assert backends.chosen()["smsa"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_has_no_attention_matrix():
+    # fwd + bwd at L_q = 4096 over 3 × 4096 keys: a materialised score matrix alone would be
+    # B·H_q·L_q·ΣL_s·2 bytes = 1.5 GiB; the kernel's extra memory is O(inputs).
+    b, h_q, h_kv, l_q, d = 1, 16, 4, 4096, 128
+    q, sources = _inputs(b, h_q, h_kv, l_q, (l_q,) * 3, d, dtype=torch.bfloat16, device="cuda")
+    inputs_bytes = sum(t.numel() * t.element_size() for t in [q] + [x for p in sources for x in p])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = ops.smsa_attention(q, sources, backend="triton")
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 3 * inputs_bytes, (extra, inputs_bytes)
