@@ -69,6 +69,9 @@ def build_demo_data(root: str, per_photo: int = 40, vae_steps: int = 300, seed: 
     return counts
 
 
+_build = build_demo_data  # the original, for tests that shrink the demo
+
+
 def demo_config() -> MiraGeConfig:
     cfg = MiraGeConfig.named("tiny")
     cfg.backbone = copy.deepcopy(cfg.backbone)

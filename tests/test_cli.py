@@ -1,0 +1,88 @@
+"""`aigid train` and `aigid eval` on a folder, from the command line, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigid.cli import main
+
+
+def _folder(root, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for label in ("real", "fake"):
+            os.makedirs(root / split / label)
+            for i in range(n):
+                img = rng.integers(0, 255, (8, 8, 3)).repeat(4, 0).repeat(4, 1)
+                if label == "fake":
+                    img[::4, :] = 255  # a visible grid artefact
+                Image.fromarray(img.astype(np.uint8)).save(root / split / label / f"{i}.png")
+    (root / "train" / "fake" / "corrupt.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = _folder(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("run") / "det"
+    proc = subprocess.run(
+        [sys.executable, "-m", "aigid.cli", "train", str(root), "--model", "tiny", "--out", str(out),
+         "--max-steps", "6", "--batch-size", "8", "--lr", "0.01"],
+        capture_output=True, text=True, env={**os.environ, "AIGID_QUIET": "0"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return root, out, proc
+
+
+def test_train_writes_detector_summary_and_shows_progress(trained):
+    root, out, proc = trained
+    assert {"config.json", "model.safetensors", "train_log.jsonl", "train_summary.json"} <= set(os.listdir(out))
+    assert "train:" in proc.stderr and "step" in proc.stderr  # the tqdm progress bar
+    assert "aigid: supcon=" in proc.stderr  # the backend choice is announced
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["train_split"] == "train"
+    assert summary["train_data"]["total"] == 25  # 24 images + the corrupt file, listed
+    assert [os.path.basename(e["path"]) for e in summary["skipped_files"]] == ["corrupt.png"]
+    assert summary["val"]["overall"]["n"] == 24  # val split picked up automatically
+    assert len(open(out / "train_log.jsonl").readlines()) == 6
+
+
+def test_eval_writes_metrics_json(trained, tmp_path):
+    root, out, _ = trained
+    result_path = tmp_path / "metrics.json"
+    assert main(["eval", str(root), "--detector", str(out), "--split", "val", "--out", str(result_path),
+                 "--quiet"]) == 0
+    result = json.loads(result_path.read_text())
+    overall = result["overall"]
+    assert overall["n"] == 24 and overall["n_real"] == 12 and overall["n_fake"] == 12
+    for key in ("acc", "real_acc", "fake_acc", "ap", "auroc", "eer"):
+        assert 0.0 <= overall[key] <= 1.0
+    assert result["protocol"]["preprocess"]["size"] == 32 and result["errors"] == []
+
+
+def test_eval_per_generator(tmp_path, trained):
+    _, out, _ = trained
+    for gen in ("sd", "adm"):
+        _folder(tmp_path / gen, n=3, seed=len(gen))
+    result_path = tmp_path / "r.json"
+    main(["eval", str(tmp_path), "--detector", str(out), "--split", "val", "--out", str(result_path), "--quiet"])
+    result = json.loads(result_path.read_text())
+    assert sorted(result["per_generator"]) == ["adm", "sd"]
+    assert all(m["n"] == 6 for m in result["per_generator"].values())
+    assert result["mean_over_generators"]["acc"] == pytest.approx(
+        np.mean([m["acc"] for m in result["per_generator"].values()]))
+
+
+def test_train_refuses_a_single_class(tmp_path):
+    os.makedirs(tmp_path / "real")
+    Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a.png")
+    with pytest.raises(ValueError, match="both real and fake"):
+        main(["train", str(tmp_path), "--model", "tiny", "--out", str(tmp_path / "o"), "--quiet"])
+
+
+def test_backends_command(capsys):
+    assert main(["backends"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"cuda", "triton", "flash_attn", "dali"}
