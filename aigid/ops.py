@@ -6,6 +6,8 @@ reference anywhere. Models call these functions and never import kernels directl
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -51,20 +53,15 @@ def _check_supcon(feats, labels, bank_feats, bank_labels, anchors, anchor_labels
             raise TypeError(f"labels for {name} must be integer class ids, got {y.dtype}")
 
 
-_supcon_kernel_cache: list = []  # [module or None], filled on first use
-
-
-def _supcon_kernel():
-    """The Triton SupCon kernel module, imported once on first use; None when Triton is missing."""
-    if not _supcon_kernel_cache:
-        module = None
-        if backends.has_triton():
-            try:
-                from aigid.kernels import supcon_bank as module
-            except (ImportError, RuntimeError):
-                module = None
-        _supcon_kernel_cache.append(module)
-    return _supcon_kernel_cache[0]
+@functools.cache
+def _kernel_module(name: str):
+    """``aigid.kernels.<name>``, imported once on first use; None when Triton is missing."""
+    if not backends.has_triton():
+        return None
+    try:
+        return importlib.import_module(f"aigid.kernels.{name}")
+    except (ImportError, RuntimeError):
+        return None
 
 
 def supcon_bank_loss(
@@ -84,7 +81,7 @@ def supcon_bank_loss(
     integer class ids. See ``aigid.kernels.reference.supcon_bank_loss_reference`` for the formula.
     """
     _check_supcon(feats, labels, bank_feats, bank_labels, anchors, anchor_labels)
-    kernel = _supcon_kernel()
+    kernel = _kernel_module("supcon_bank")
     ready = kernel is not None
     if ready and backend in (None, "auto") and feats.dtype not in kernel.SUPPORTED_DTYPES:
         ready = False  # e.g. float64: automatic dispatch keeps the exact reference
@@ -94,22 +91,6 @@ def supcon_bank_loss(
             feats, labels, bank_feats, bank_labels, anchors, anchor_labels, temperature)
     return reference.supcon_bank_loss_reference(
         feats, labels, bank_feats, bank_labels, anchors, anchor_labels, temperature)
-
-
-_smsa_kernel_cache: list = []  # [module or None], filled on first use
-
-
-def _smsa_kernel():
-    """The Triton SMSA kernel module, imported once on first use; None when Triton is missing."""
-    if not _smsa_kernel_cache:
-        module = None
-        if backends.has_triton():
-            try:
-                from aigid.kernels import smsa_attention as module
-            except (ImportError, RuntimeError):
-                module = None
-        _smsa_kernel_cache.append(module)
-    return _smsa_kernel_cache[0]
 
 
 def _check_smsa(q, kv_sources, kv_lengths) -> None:
@@ -175,7 +156,7 @@ def smsa_attention(
     wants_kernel = backend == "triton" or (
         backend in (None, "auto") and not backends.force_reference()
         and backends.triton_usable(q.device))
-    kernel = _smsa_kernel() if wants_kernel else None
+    kernel = _kernel_module("smsa_attention") if wants_kernel else None
     reason = None if kernel is None else kernel.unsupported_reason(q, kv_sources)
     if backend == "triton" and reason is not None:
         raise ValueError(f"smsa_attention: {reason}; use backend='auto' or 'reference'")
