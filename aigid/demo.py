@@ -69,9 +69,6 @@ def build_demo_data(root: str, per_photo: int = 40, vae_steps: int = 300, seed: 
     return counts
 
 
-_build = build_demo_data  # the original, for tests that shrink the demo
-
-
 def demo_config() -> MiraGeConfig:
     cfg = MiraGeConfig.named("tiny")
     cfg.backbone = copy.deepcopy(cfg.backbone)
@@ -79,11 +76,11 @@ def demo_config() -> MiraGeConfig:
     return cfg
 
 
-def run_demo(out: str = "aigid-demo", steps: int = 200, per_photo: int = 40, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str = "aigid-demo", steps: int = 200, per_photo: int = 40, vae_steps: int = 300,
+             seed: int = 0, progress: bool = True) -> dict[str, Any]:
     data = os.path.join(out, "data")
     print(f"aigid demo: building real crops and VAE-aligned fakes in {data}")
-    counts = build_demo_data(data, per_photo=per_photo, seed=seed, progress=progress)
+    counts = build_demo_data(data, per_photo=per_photo, vae_steps=vae_steps, seed=seed, progress=progress)
     print("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     config_path = os.path.join(out, "mirage-demo.json")
     os.makedirs(out, exist_ok=True)

@@ -18,14 +18,19 @@ def _curve(labels: np.ndarray, scores: np.ndarray):
     return tp, fp
 
 
-def roc_auc(labels, scores) -> float:
+def _roc(labels, scores):
+    """(fpr, tpr) from (0, 0) over each distinct threshold, or None when a class is missing."""
     y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
     pos, neg = int(y.sum()), int(y.size - y.sum())
     if pos == 0 or neg == 0:
-        return float("nan")
+        return None
     tp, fp = _curve(y, s)
-    tpr, fpr = np.r_[0, tp] / pos, np.r_[0, fp] / neg
-    return float(np.trapezoid(tpr, fpr))
+    return np.r_[0, fp] / neg, np.r_[0, tp] / pos
+
+
+def roc_auc(labels, scores) -> float:
+    roc = _roc(labels, scores)
+    return float("nan") if roc is None else float(np.trapezoid(roc[1], roc[0]))
 
 
 def average_precision(labels, scores) -> float:
@@ -39,12 +44,10 @@ def average_precision(labels, scores) -> float:
 
 
 def equal_error_rate(labels, scores) -> float:
-    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
-    pos, neg = int(y.sum()), int(y.size - y.sum())
-    if pos == 0 or neg == 0:
+    roc = _roc(labels, scores)
+    if roc is None:
         return float("nan")
-    tp, fp = _curve(y, s)
-    fpr, fnr = np.r_[0, fp] / neg, 1 - np.r_[0, tp] / pos
+    fpr, fnr = roc[0], 1 - roc[1]
     i = int(np.argmin(np.abs(fpr - fnr)))
     return float((fpr[i] + fnr[i]) / 2)
 

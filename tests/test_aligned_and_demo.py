@@ -42,12 +42,10 @@ def test_load_vae_missing_folder(tmp_path):
         load_vae(str(tmp_path / "nothing"))
 
 
-def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
+def test_demo_end_to_end_small(tmp_path, capsys):
     from aigid import demo
 
-    monkeypatch.setattr(demo, "build_demo_data",
-                        lambda root, **kw: demo.__dict__["_build"](root, per_photo=4, vae_steps=3, seed=0))
-    summary = demo.run_demo(str(tmp_path), steps=4, progress=False)
+    summary = demo.run_demo(str(tmp_path), steps=4, per_photo=4, vae_steps=3, progress=False)
     text = capsys.readouterr().out
     assert "held-out" in text and "toy detector" in text
     assert summary["val"]["overall"]["n"] == 24  # 3 held-out photos x 4 crops x 2 classes
