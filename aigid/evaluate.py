@@ -16,18 +16,28 @@ from tqdm.auto import tqdm
 
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import LabelledImage, discover
+from aigid.data.perturb import Perturbation, compose, parse_sweep
 from aigid.data.transforms import eval_transform
-from aigid.metrics import binary_metrics
+from aigid.metrics import binary_metrics, oracle_accuracy
+
+_KEYS = ("acc", "real_acc", "fake_acc", "ap", "auroc", "eer")
 
 
 def score(detector, items: Sequence[LabelledImage], batch_size: int = 64, num_workers: int = 0,
-          progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """P(fake) for every readable item; returns (scores, kept indices, errors)."""
-    loader = DataLoader(LabelledImages(items, eval_transform(detector.config.preprocess)),
-                        batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skipping_errors)
+          progress: bool = True, perturbation: Optional[Perturbation] = None,
+          ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """P(fake) for every readable item; returns (scores, kept indices, errors).
+
+    ``perturbation`` (JPEG, blur) is applied to the decoded image before the detector's transform.
+    """
+    transform = eval_transform(detector.config.preprocess)
+    if perturbation is not None:
+        transform = compose(perturbation, transform)
+    loader = DataLoader(LabelledImages(items, transform), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_skipping_errors)
     scores, kept, errors = [], [], []
-    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+    desc = "eval" if perturbation is None else f"eval[{perturbation.name}]"
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         errors += [{"path": items[i].path, "error": e} for i, e in batch["errors"]]
         if batch["pixels"] is not None:
             scores.append(detector.predict(batch["pixels"]).numpy())
@@ -41,36 +51,54 @@ def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optional[str] = None,
-             batch_size: int = 64, num_workers: int = 0, threshold: float = 0.5,
-             progress: bool = True) -> dict[str, Any]:
-    """Score a labelled dataset (folder, manifest or items) and compute the metrics.
-
-    Returns ``{"overall": {...}, "per_generator": {gen: {...}}, "mean_over_generators": {...},
-    "errors": [...], "protocol": {...}}``; NaN metrics (e.g. AUROC with one class) become None.
-    """
-    items = discover(data, split) if isinstance(data, str) else list(data)
-    if not items:
-        raise ValueError(f"no labelled images found in {data!r}")
-    scores, kept, errors = score(detector, items, batch_size, num_workers, progress)
+def _metrics(items, scores, kept, threshold: float) -> dict[str, Any]:
     labels = np.array([items[i].label for i in kept], dtype=np.int64)
     gens = np.array([items[i].generator or "all" for i in kept])
     per_gen = {g: _clean(binary_metrics(labels[gens == g], scores[gens == g], threshold))
                for g in sorted(set(gens.tolist()))}
-    keys = ("acc", "real_acc", "fake_acc", "ap", "auroc", "eer")
     mean = {k: (float(np.mean([m[k] for m in per_gen.values() if m[k] is not None]))
-                if any(m[k] is not None for m in per_gen.values()) else None) for k in keys}
-    return {
-        "overall": _clean(binary_metrics(labels, scores, threshold)) if kept.size else {"n": 0},
-        "per_generator": per_gen,
-        "mean_over_generators": mean,
-        "errors": errors,
-        "protocol": {
-            "threshold": threshold, "preprocess": detector.config.preprocess,
-            "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
-            "split": split, "data": data if isinstance(data, str) else None,
-        },
+                if any(m[k] is not None for m in per_gen.values()) else None) for k in _KEYS}
+    overall = _clean(binary_metrics(labels, scores, threshold)) if kept.size else {"n": 0}
+    if kept.size:
+        acc, at = oracle_accuracy(labels, scores)
+        overall["oracle_acc"], overall["oracle_threshold"] = acc, at
+    return {"overall": overall, "per_generator": per_gen, "mean_over_generators": mean}
+
+
+def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optional[str] = None,
+             batch_size: int = 64, num_workers: int = 0, threshold: float = 0.5,
+             progress: bool = True, robustness: Union[str, Sequence[str]] = ()) -> dict[str, Any]:
+    """Score a labelled dataset (folder, manifest or items) and compute the metrics.
+
+    Returns ``{"overall": {...}, "per_generator": {gen: {...}}, "mean_over_generators": {...},
+    "errors": [...], "protocol": {...}}``; NaN metrics (e.g. AUROC with one class) become None.
+    ``overall["oracle_acc"]`` is the accuracy at the best threshold chosen *on these labels*
+    (the number UnivFD/SIDBench print): an oracle, not a deployable figure.
+
+    ``robustness`` ("sidbench", "jpeg90,blur2", or a list) re-scores the same images under each
+    perturbation and adds ``{"robustness": {name: {"overall", "mean_over_generators"}}}``.
+    """
+    sweep = parse_sweep(robustness)  # validate names before any scoring
+    items = discover(data, split) if isinstance(data, str) else list(data)
+    if not items:
+        raise ValueError(f"no labelled images found in {data!r}")
+    scores, kept, errors = score(detector, items, batch_size, num_workers, progress)
+    result = _metrics(items, scores, kept, threshold)
+    result["errors"] = errors
+    result["protocol"] = {
+        "threshold": threshold, "preprocess": detector.config.preprocess,
+        "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
+        "split": split, "data": data if isinstance(data, str) else None,
+        "oracle_acc": "threshold chosen on the evaluated labels; not deployable",
     }
+    if sweep:
+        result["protocol"]["robustness"] = [p.name for p in sweep]
+        result["robustness"] = {}
+        for p in sweep:
+            m = _metrics(items, *score(detector, items, batch_size, num_workers, progress, p)[:2],
+                         threshold)
+            result["robustness"][p.name] = {k: m[k] for k in ("overall", "mean_over_generators")}
+    return result
 
 
 def device_of(name: str) -> torch.device:

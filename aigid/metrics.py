@@ -52,6 +52,25 @@ def equal_error_rate(labels, scores) -> float:
     return float((fpr[i] + fnr[i]) / 2)
 
 
+def oracle_accuracy(labels, scores) -> tuple[float, float]:
+    """(best accuracy, its threshold) over every threshold, chosen on these very labels.
+
+    UnivFD and SIDBench report this number; it is an *oracle* (not deployable): a real threshold
+    must come from a validation split. Predicts fake when score >= threshold.
+    """
+    y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    if y.size == 0:
+        return float("nan"), float("nan")
+    neg = int(y.size - y.sum())
+    tp, fp = _curve(y, s)
+    correct = tp + (neg - fp)                    # fake predicted for scores >= each distinct score
+    thresholds = np.sort(np.unique(s))[::-1]
+    best = int(np.argmax(correct))
+    if neg >= correct[best]:                     # calling everything real is at least as good
+        return neg / y.size, float(np.nextafter(s.max(), np.inf))
+    return float(correct[best] / y.size), float(thresholds[best])
+
+
 def binary_metrics(labels, scores, threshold: float = 0.5) -> dict[str, float]:
     y, s = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
     pred = (s >= threshold).astype(np.int64)

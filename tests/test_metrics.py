@@ -31,3 +31,23 @@ def test_single_class_gives_nan_not_a_crash():
 def test_perfect_and_inverted_scores():
     assert roc_auc([0, 1], [0.1, 0.9]) == 1.0 and roc_auc([0, 1], [0.9, 0.1]) == 0.0
     assert equal_error_rate([0, 1], [0.1, 0.9]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_oracle_accuracy_is_the_best_threshold_by_brute_force(seed):
+    from aigid.metrics import oracle_accuracy
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 40)
+    s = np.round(rng.random(40) * 8) / 8  # ties
+    acc, threshold = oracle_accuracy(y, s)
+    brute = max(((s >= t) == y).mean() for t in list(np.unique(s)) + [np.inf])
+    assert acc == pytest.approx(brute)
+    assert ((s >= threshold) == y).mean() == pytest.approx(acc)
+
+
+def test_oracle_accuracy_inverted_scores_calls_everything_real_when_best():
+    from aigid.metrics import oracle_accuracy
+
+    acc, threshold = oracle_accuracy([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.1])
+    assert acc == 0.75 and threshold > 0.9
