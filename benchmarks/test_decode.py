@@ -1,0 +1,152 @@
+"""Decode throughput of the bulk-scanning data path (images/s), ours vs peers in one run.
+
+CPU (always): 64 generated 512x384 JPEGs preprocessed to 224x224 by
+  - ``naive``: the plain loop ``predict`` would run (``load_rgb`` + ``eval_transform`` per file),
+  - ``pil-w0`` / ``pil-w2``: ``iter_batches(decoder="pil")`` in-process and with 2 workers
+    (the worker start-up is inside the timing: it is paid once per scan).
+CUDA: 2048 such JPEGs to 224x224 on the GPU by
+  - ``pil-w16``: ``iter_batches(decoder="pil", num_workers=16)`` (pinned, non-blocking copies),
+  - ``nvjpeg-torchvision``: ``torchvision.io.decode_jpeg(device="cuda")`` in batches + torch resize,
+  - ``dali``: ``iter_batches(decoder="dali")`` (16 workers read, DALI decodes), goal >= 4x pil-w16;
+    the ratio is recorded in ``extra_info["speedup_vs_pil_w16"]``.
+
+    pytest benchmarks/test_decode.py --benchmark-only
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigid import backends
+from aigid.data.batches import iter_batches
+from aigid.data.images import load_rgb
+from aigid.data.transforms import eval_transform
+
+HAS_CUDA = torch.cuda.is_available()
+PP = {"size": 224, "resize_mode": "shortest", "interpolation": "bicubic",
+      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+W, H = 512, 384
+_RESULTS: dict[str, float] = {}  # images/s per impl, for ratios within this run
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU size: needs a CUDA device")
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="CPU size: CUDA runs time the GPU sizes")
+
+
+def _photo_like(seed: int) -> bytes:
+    """A smooth random image plus mild noise: JPEG sizes like a photo's (~30-60 kB), not noise's."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((W, H),
+                                                                                    Image.BICUBIC)
+    arr = np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (H, W, 3), dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _make_set(folder, n: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i:05d}.jpg").write_bytes(_photo_like(i))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def cpu_set(tmp_path_factory):
+    return _make_set(tmp_path_factory.mktemp("decode-cpu"), 64)
+
+
+@pytest.fixture(scope="module")
+def gpu_set(tmp_path_factory):
+    return _make_set(tmp_path_factory.mktemp("decode-gpu"), 2048)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_CUDA else f"cpu ({os.cpu_count()} cores)"
+
+
+def _run_scan(folder: str, *, device: str, decoder: str, workers: int, batch: int = 64) -> int:
+    n = 0
+    for b in iter_batches([folder], PP, batch, device=device, decoder=decoder, num_workers=workers):
+        assert not b.errors
+        n += b.pixels.shape[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n
+
+
+def _naive(folder: str) -> int:
+    transform = eval_transform(PP)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    return torch.stack([transform(load_rgb(f)) for f in files]).shape[0]
+
+
+def _nvjpeg_torchvision(folder: str, batch: int = 64) -> int:
+    """The strongest GPU peer without DALI: torchvision's nvJPEG decode + torch resize/crop."""
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg, read_file
+
+    mean = torch.tensor(PP["mean"], device="cuda")[:, None, None] * 255
+    std = torch.tensor(PP["std"], device="cuda")[:, None, None] * 255
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    n, s = 0, PP["size"]
+    for start in range(0, len(files), batch):
+        encoded = [read_file(f) for f in files[start:start + batch]]
+        out = []
+        for img in decode_jpeg(encoded, device="cuda"):
+            h, w = img.shape[-2:]
+            scale = s / min(h, w)
+            size = (max(s, int(h * scale)), max(s, int(w * scale)))
+            img = F.interpolate(img[None].float(), size=size, mode="bicubic", antialias=True)[0]
+            top, left = (size[0] - s) // 2, (size[1] - s) // 2
+            out.append((img[:, top:top + s, left:left + s].clamp(0, 255) - mean) / std)
+        n += torch.stack(out).shape[0]
+    torch.cuda.synchronize()
+    return n
+
+
+def _record(benchmark, impl: str, n: int, **extra) -> None:
+    ips = n / benchmark.stats.stats.mean
+    _RESULTS[impl] = ips
+    benchmark.extra_info.update({"impl": impl, "device": _device_name(), "images": n,
+                                 "images_per_s": round(ips, 1), "size": PP["size"],
+                                 "source": f"{W}x{H} JPEG q90", **extra})
+
+
+@cpu_only
+@pytest.mark.parametrize("impl", ["naive", "pil-w0", "pil-w2"])
+def test_decode_cpu(benchmark, cpu_set, impl):
+    benchmark.group = f"decode 64 JPEG {W}x{H} -> {PP['size']}^2, cpu"
+    if impl == "naive":
+        fn = lambda: _naive(cpu_set)  # noqa: E731
+    else:
+        workers = int(impl.removeprefix("pil-w"))
+        fn = lambda: _run_scan(cpu_set, device="cpu", decoder="pil", workers=workers)  # noqa: E731
+    n = benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+    assert n == 64
+    _record(benchmark, impl, n, num_workers=0 if impl == "naive" else int(impl[-1]))
+    if impl != "naive" and "naive" in _RESULTS:
+        benchmark.extra_info["speedup_vs_naive"] = round(_RESULTS[impl] / _RESULTS["naive"], 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["pil-w16", "nvjpeg-torchvision", "dali"])
+def test_decode_gpu(benchmark, gpu_set, impl):
+    benchmark.group = f"decode 2048 JPEG {W}x{H} -> {PP['size']}^2, cuda"
+    if impl == "dali" and not backends.has_dali():
+        pytest.skip("nvidia-dali is not installed (pip install aigid[gpu])")
+    if impl == "pil-w16":
+        fn = lambda: _run_scan(gpu_set, device="cuda", decoder="pil", workers=16)  # noqa: E731
+    elif impl == "dali":
+        fn = lambda: _run_scan(gpu_set, device="cuda", decoder="dali", workers=16)  # noqa: E731
+    else:
+        fn = lambda: _nvjpeg_torchvision(gpu_set)  # noqa: E731
+    n = benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+    assert n == 2048
+    _record(benchmark, impl, n, num_workers=16 if impl != "nvjpeg-torchvision" else 0)
+    if impl != "pil-w16" and "pil-w16" in _RESULTS:
+        benchmark.extra_info["speedup_vs_pil_w16"] = round(_RESULTS[impl] / _RESULTS["pil-w16"], 2)
