@@ -4,6 +4,7 @@
     detector = aigid.load_detector("runs/mirage")        # a folder written by save_pretrained
     p_fake = detector.predict(["a.jpg", "b.png"])          # the detector applies its own preprocessing
     summary = aigid.train({"data": "my_set/", "model": "vit-l-14"})
+    for r in aigid.scan(["photos/", "shard.tar"], detector, out="results.sqlite"): ...
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 from aigid.evaluate import evaluate  # noqa: E402
 from aigid.models.mirage import MiraGe, MiraGeConfig  # noqa: E402
 from aigid.models.registry import load_detector  # noqa: E402
+from aigid.scan import scan  # noqa: E402
 from aigid.train import TrainConfig, train  # noqa: E402
 
-__all__ = ["load_detector", "train", "evaluate", "MiraGe", "MiraGeConfig", "TrainConfig", "__version__"]
+__all__ = ["load_detector", "train", "evaluate", "scan", "MiraGe", "MiraGeConfig", "TrainConfig", "__version__"]

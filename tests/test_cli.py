@@ -86,3 +86,24 @@ def test_train_refuses_a_single_class(tmp_path):
 def test_backends_command(capsys):
     assert main(["backends"]) == 0
     assert set(json.loads(capsys.readouterr().out)) >= {"cuda", "triton", "flash_attn", "dali"}
+
+
+def test_eval_robustness_sweep_and_oracle(trained, tmp_path):
+    root, out, _ = trained
+    result_path = tmp_path / "metrics.json"
+    assert main(["eval", str(root), "--detector", str(out), "--split", "val", "--out", str(result_path),
+                 "--robustness", "jpeg30,blur4", "--quiet"]) == 0
+    result = json.loads(result_path.read_text())
+    assert set(result["robustness"]) == {"jpeg30", "blur4"}
+    assert result["protocol"]["robustness"] == ["jpeg30", "blur4"]
+    assert 0.5 <= result["overall"]["oracle_acc"] <= 1 and result["overall"]["oracle_acc"] >= result["overall"]["acc"]
+    for name, metrics in result["robustness"].items():
+        assert metrics["overall"]["n"] == 24
+    # blur4 erases the 1-pixel grid the tiny detector keys on: its scores must actually change
+    assert result["robustness"]["blur4"]["overall"] != result["overall"]
+
+
+def test_eval_rejects_unknown_perturbation(trained):
+    root, out, _ = trained
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        main(["eval", str(root), "--detector", str(out), "--robustness", "jpeg90,sharpen", "--quiet"])
