@@ -115,3 +115,17 @@ def test_checkpoint_mismatch_is_refused(tiny_config, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="do not match"):
         MiraGe.from_pretrained(tmp_path)
+
+
+def test_inference_anchor_cache_follows_prompt_updates(tiny_config):
+    from aigid.models.mirage import MiraGe
+
+    model = MiraGe(tiny_config, seed=0).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(pixels)["logits"]
+        assert torch.equal(model(pixels)["logits"], before)  # served from the cache
+        model.prompts.text.add_(0.5)  # an in-place update, as an optimiser step does
+        after = model(pixels)["logits"]
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, model(pixels)["logits"].detach())  # grad-enabled path agrees

@@ -96,8 +96,20 @@ class MiraGe(nn.Module):
         """(N, E) unit-norm image embeddings h from the prompted vision tower."""
         return F.normalize(self.vision_encoder(pixels, self.prompts.vision()).float(), dim=-1)
 
+    def _anchors_for_inference(self) -> torch.Tensor:
+        """Anchors cached across predict() calls: the text tower runs once per prompt update, not
+        once per batch. The key holds the prompts' in-place version counters (an optimiser step
+        or a load bumps them) and their device."""
+        key = (self.device, *(p._version for p in self.prompts.parameters()))
+        cached = getattr(self, "_anchor_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._anchor_cache = (key, self.anchors())
+        return self._anchor_cache[1]
+
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, e = self.embed_images(pixels), self.anchors()
+        e = self.anchors() if torch.is_grad_enabled() else self._anchors_for_inference()
+        h = self.embed_images(pixels)
         logits = self.clip.logit_scale.exp().float() * h @ e.T
         return {"logits": logits, "image_embeds": h, "anchors": e}
 
