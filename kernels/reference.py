@@ -90,3 +90,33 @@ def smsa_attention_reference(
     mask = (valid | empty[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.masked_fill(empty[:, None, None, None], 0.0)
+
+
+def packed_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention over a packed batch, one SDPA call per sample on its dense boolean mask.
+
+    q: (T, H_q, d), k/v: (T, H_kv, d) in pack order; ``layout`` is an ``aigid.packing.PackedLayout``
+    (duck-typed: ``num_samples``, ``sample_range(b)`` and ``dense_mask(b)``, the ground truth of
+    who sees whom). K/V are expanded to all query heads with ``repeat_interleave``, exactly as
+    BAGEL's training attention does. Every query sees at least itself, so no row is empty.
+    Returns (T, H_q, d).
+    """
+    h_q, h_kv = q.shape[1], k.shape[1]
+    if h_q % h_kv:
+        raise ValueError(f"query heads {h_q} must be a multiple of key/value heads {h_kv}")
+    outs = []
+    for b in range(layout.num_samples):
+        s, e = layout.sample_range(b)
+        qb = q[s:e].transpose(0, 1)
+        kb = k[s:e].transpose(0, 1).repeat_interleave(h_q // h_kv, dim=0)
+        vb = v[s:e].transpose(0, 1).repeat_interleave(h_q // h_kv, dim=0)
+        mask = layout.dense_mask(b).to(q.device)
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+                    .transpose(0, 1))
+    return torch.cat(outs, dim=0)
