@@ -8,26 +8,49 @@ from typing import Optional
 
 from aigid.models.mirage import CONFIG_FILE, MiraGe, MiraGeConfig
 
-_ARCHS = {"mirage": MiraGe}
+
+def _unigendet():
+    from aigid.models.unigendet import UniGenDet  # imported on demand: MoT, SigLIP, flow
+    return UniGenDet
+
+
+_ARCHS = {"mirage": lambda: MiraGe, "unigendet": _unigendet}
+
+
+def _arch_of(folder: str) -> str:
+    """``arch`` from config.json; a folder with BAGEL's ema.safetensors and no arch is a release."""
+    config = os.path.join(folder, CONFIG_FILE)
+    arch = None
+    if os.path.isfile(config):
+        with open(config) as f:
+            arch = json.load(f).get("arch")
+    if arch is None and os.path.isfile(os.path.join(folder, "ema.safetensors")):
+        return "unigendet"
+    return arch or "mirage"
 
 
 def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Optional[str] = None):
-    """Load a detector saved with ``save_pretrained``, or build ``mirage-tiny``/``mirage-vit-l-14``.
+    """Load a detector saved with ``save_pretrained`` (or a BAGEL/UniGenDet release folder), or
+    build a named config: ``mirage-tiny``, ``mirage-vit-l-14``, ``unigendet-tiny``, ``unigendet-bagel-7b``.
 
     A named config gives an *untrained* detector (its prompts are random): useful to train
     from, or to measure speed, never to trust its scores.
     """
     if os.path.isdir(name_or_path):
-        with open(os.path.join(name_or_path, CONFIG_FILE)) as f:
-            arch = json.load(f).get("arch", "mirage")
+        arch = _arch_of(name_or_path)
         if arch not in _ARCHS:
             raise ValueError(f"{name_or_path}: unknown detector arch {arch!r}")
-        model = _ARCHS[arch].from_pretrained(name_or_path, cache_dir=cache_dir)
+        model = _ARCHS[arch]().from_pretrained(name_or_path, cache_dir=cache_dir)
     elif name_or_path.startswith("mirage-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)
         model = MiraGe(MiraGeConfig.named(name_or_path.removeprefix("mirage-")), cache_dir=cache_dir)
+    elif name_or_path.startswith("unigendet-"):
+        warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
+                      stacklevel=2)
+        from aigid.models.unigendet import UniGenDetConfig
+        model = _unigendet()(UniGenDetConfig.named(name_or_path.removeprefix("unigendet-")))
     else:
         raise FileNotFoundError(f"{name_or_path!r} is neither a detector folder nor a known name "
-                                "(mirage-tiny, mirage-vit-l-14)")
+                                "(mirage-tiny, mirage-vit-l-14, unigendet-tiny, unigendet-bagel-7b)")
     return model.to(device).eval() if device else model.eval()
