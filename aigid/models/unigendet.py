@@ -51,8 +51,7 @@ from aigid.models.mot import MoTConfig, MoTForCausalLM
 from aigid.models.sampling import next_token
 from aigid.models.siglip import SigLIPConfig, SigLIPVisionModel, position_ids
 from aigid.models.tokenizer import Tokenizer, build_tokenizer
-from aigid.models.unigendet_inputs import (DetInputs, GenInputs, Generated, PackBuilder, PackOutput,
-                                           route_markers_to_und)
+from aigid.models.unigendet_inputs import DetInputs, GenInputs, Generated, PackBuilder, PackOutput
 from aigid.models.unigendet_modules import (MLPConnector, PositionEmbedding, TimestepEmbedder,
                                             patchify_latents, sincos_2d, unigendet_heads,
                                             unpatchify_latents)
@@ -291,8 +290,8 @@ class UniGenDet(nn.Module):
 
         dev = self.device
         idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        layout = PackedLayout.build(b.samples, device=dev)
-        layout = route_markers_to_und(layout, idx(b.vae_pos))
+        # Markers inside VAE splits are text: only the latents go to the generation expert.
+        layout = PackedLayout.build(b.samples, device=dev).with_gen_index(idx(b.vae_pos))
         embed = self.language_model.model.embed_tokens
         x = embed.weight.new_zeros(layout.total, self.hidden_size)
         x = x.index_put((idx(b.text_pos),), embed(idx(b.text_ids)))

@@ -3,12 +3,11 @@
 ``PackBuilder`` appends detection and generation samples as ``Split``s and records which pack
 positions hold text ids, ViT tokens, VAE tokens, answer labels and the ``<|im_start|>`` read by
 the detection head. Image splits carry their ``<|vision_start|>``/``<|vision_end|>`` markers
-inside the split (same RoPE id, as BAGEL); the markers are text, so ``route_markers_to_und``
-sends them to the understanding expert even inside a VAE split.
+inside the split (same RoPE id, as BAGEL); the markers are text, so the model routes only
+``vae_pos`` to the generation expert (``PackedLayout.with_gen_index``).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -17,7 +16,7 @@ import torch
 from aigid.models.tokenizer import Tokenizer
 from aigid.packing import PackedLayout, Split
 
-__all__ = ["DetInputs", "GenInputs", "PackOutput", "Generated", "PackBuilder", "route_markers_to_und"]
+__all__ = ["DetInputs", "GenInputs", "PackOutput", "Generated", "PackBuilder"]
 
 
 @dataclass
@@ -103,27 +102,3 @@ class PackBuilder:
         (self.vit_pos if kind == "vit" else self.vae_pos).extend(tokens)
         self.cur += n + 2
         return tokens
-
-
-def _route_markers_to_und(layout: PackedLayout, gen_tokens: torch.Tensor) -> PackedLayout:
-    """Route only the latent tokens to the generation expert (markers of VAE splits are text)."""
-    gen = torch.sort(gen_tokens.to(layout.gen_index.device)).values
-    if torch.equal(gen, layout.gen_index):
-        return layout
-    is_gen = torch.zeros(layout.total, dtype=torch.bool, device=gen.device)
-    is_gen[gen] = True
-    und = torch.nonzero(~is_gen).flatten()
-    return dataclasses.replace(layout, und_index=und.to(layout.und_index.dtype),
-                               gen_index=gen.to(layout.gen_index.dtype))
-
-
-def route_markers_to_und(layout: PackedLayout, gen_tokens: torch.Tensor) -> PackedLayout:
-    """Route only the latent tokens to the generation expert (markers of VAE splits are text)."""
-    gen = torch.sort(gen_tokens.to(layout.gen_index.device)).values
-    if torch.equal(gen, layout.gen_index):
-        return layout
-    is_gen = torch.zeros(layout.total, dtype=torch.bool, device=gen.device)
-    is_gen[gen] = True
-    und = torch.nonzero(~is_gen).flatten()
-    return dataclasses.replace(layout, und_index=und.to(layout.und_index.dtype),
-                               gen_index=gen.to(layout.gen_index.dtype))
