@@ -5,16 +5,20 @@ Users never resize by hand: ``predict`` applies the same transform that training
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from aigid.data.images import load_rgb
+
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
            "nearest": T.InterpolationMode.NEAREST}
 
 Transform = Callable[[Image.Image], torch.Tensor]
+ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
 
 
 def _resize(pp: dict[str, Any]) -> list:
@@ -41,3 +45,21 @@ def train_transform(pp: dict[str, Any]) -> Transform:
     size = int(pp["size"])
     return T.Compose(_resize(pp) + [T.RandomCrop(size, pad_if_needed=True), T.RandomHorizontalFlip()]
                      + _tensor_and_normalise(pp))
+
+
+def to_pixels(images: ImageInput, transform: Transform, device: torch.device) -> torch.Tensor:
+    """What a detector's ``predict`` takes → normalised pixels (N, 3, H, W) on ``device``.
+
+    PIL images and paths go through ``transform`` (the detector's own preprocessing); a tensor is
+    taken as already preprocessed ((3, H, W) or (N, 3, H, W)). Unreadable files raise ImageError.
+    """
+    if isinstance(images, torch.Tensor):
+        batch = images if images.ndim == 4 else images[None]
+    else:
+        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        if not items:
+            raise ValueError("no images given")
+        batch = torch.stack([transform(im if isinstance(im, Image.Image) else load_rgb(im)) for im in items])
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"pixels must be (N, 3, H, W), got {tuple(batch.shape)}")
+    return batch.to(device)

@@ -17,17 +17,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aigid import ops
-from aigid.data.images import load_rgb
-from aigid.data.transforms import eval_transform
+from aigid.data.transforms import ImageInput, eval_transform, to_pixels
 from aigid.models.clip_backbone import build_backbone
 from aigid.models.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
 from aigid.models.memory_bank import MemoryBank
@@ -56,7 +54,6 @@ class MiraGeConfig:
         return cls(**json.loads(path.read_text()))
 
 
-ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
 
 
 class MiraGe(nn.Module):
@@ -132,13 +129,7 @@ class MiraGe(nn.Module):
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
         """PIL images / paths / a batch tensor → normalised pixels on this model's device."""
-        if isinstance(images, torch.Tensor):
-            batch = images if images.ndim == 4 else images[None]
-        else:
-            items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
-            batch = torch.stack([self._transform(im if isinstance(im, Image.Image) else load_rgb(im))
-                                 for im in items])
-        return batch.to(self.device)
+        return to_pixels(images, self._transform, self.device)
 
     @torch.no_grad()
     def predict(self, images: ImageInput) -> torch.Tensor:

@@ -43,8 +43,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from aigid.data.images import load_rgb
-from aigid.data.transforms import eval_transform
+from aigid.data.transforms import ImageInput, eval_transform, to_pixels
 from aigid.models import flow
 from aigid.models.checkpoint import load_into, load_state_dict_dir, save_state_dict
 from aigid.models.mot import MoTConfig, MoTForCausalLM
@@ -127,7 +126,6 @@ class UniGenDetConfig:
 
 
 # ---- the model ------------------------------------------------------------------------------
-ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
 
 
 class UniGenDet(nn.Module):
@@ -320,18 +318,8 @@ class UniGenDet(nn.Module):
 
     # ---- inputs from images and text ----------------------------------------------------------
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """PIL images / paths / a batch tensor → normalised pixels (N, 3, S, S) on this device."""
-        if isinstance(images, torch.Tensor):
-            batch = images if images.ndim == 4 else images[None]
-        else:
-            items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
-            if not items:
-                raise ValueError("no images given")
-            batch = torch.stack([self._transform(im if isinstance(im, Image.Image) else load_rgb(im))
-                                 for im in items])
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"pixels must be (N, 3, H, W), got {tuple(batch.shape)}")
-        return batch.to(self.device)
+        """PIL images / paths / a batch tensor → normalised pixels on this model's device."""
+        return to_pixels(images, self._transform, self.device)
 
     def _resize(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
         if pixels.shape[-2:] == (size, size):
