@@ -72,7 +72,8 @@ def model_id(detector) -> str:
     for name, tensor in sorted(detector.state_dict().items()):
         t = tensor.detach().reshape(-1).cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # buffer protocol: no extra host copy
     return f"{arch}-{h.hexdigest()}"
 
 
