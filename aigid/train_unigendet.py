@@ -3,7 +3,7 @@
 GDUF: ``L = λ_det·L_det + λ_exp·L_exp + λ_fm·L_fm`` on batches holding detection and generation
 samples 1:1, packed into one sequence (BAGEL's way). L_det is the 2-logit head's CE (a BCE on
 the logit difference), L_exp next-token CE on the answer, L_fm the rectified-flow MSE
-(``aigid.models.flow``). Paper defaults: all λ = 1, AdamW lr 1e-4, wd 1e-2. The released code's
+(``aigid.models.unigendet.flow``). Paper defaults: all λ = 1, AdamW lr 1e-4, wd 1e-2. The released code's
 values are ``GDUFConfig.code_preset()``: λ_det 0.2, lr 2e-5, betas (0.9, 0.95), eps 1e-15,
 grad clip 1.0, EMA 0.99.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aigid import backends
-from aigid.models import flow
+from aigid.models.unigendet import flow
 from aigid.models.unigendet import GenInputs, UniGenDet, detection_loss, patchify_latents
 
 __all__ = ["DetectionItem", "GenerationItem", "GDUFConfig", "DIGAConfig", "gduf_losses", "train_gduf",

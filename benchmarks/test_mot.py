@@ -2,7 +2,7 @@
 
 Providers (same layer weights, same packed input, same output gradient; one run):
 
-* ``ours``: :class:`aigid.models.mot.MoTLayer` with ``packed_attention`` on automatic choice
+* ``ours``: :class:`aigid.models.unigendet.mot.MoTLayer` with ``packed_attention`` on automatic choice
   (flash-attn varlen or the split-wise path with the fused SMSA kernel on CUDA; split-wise SDPA
   on CPU): no dense mask, native GQA, experts routed by index over the whole pack.
 * ``bagel_loop``: the plain per-token-type loop — per sample and per token type the expert
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from aigid import backends, ops
-from aigid.models.mot import MoTConfig, MoTLayer
-from aigid.models.rope import RotaryEmbedding, apply_rotary
+from aigid.models.unigendet.mot import MoTConfig, MoTLayer
+from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout, Split
 
 CUDA = torch.cuda.is_available()

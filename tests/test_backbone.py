@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from aigid.models.clip_backbone import BackboneUnavailable, build_backbone
+from aigid.models.mirage.clip_backbone import BackboneUnavailable, build_backbone
 
 
 def test_inline_config_loads_a_local_checkpoint(tiny_config, tmp_path):

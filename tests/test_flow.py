@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from aigid.models import flow
+from aigid.models.unigendet import flow
 
 
 def test_shift_fixes_endpoints_and_pushes_towards_noise():

@@ -1,6 +1,6 @@
 import torch
 
-from aigid.models.memory_bank import MemoryBank
+from aigid.models.mirage.memory_bank import MemoryBank
 
 
 def test_fifo_order_and_wraparound():

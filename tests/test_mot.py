@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from aigid.models import checkpoint as ckpt
-from aigid.models.mot import MoTConfig, MoTForCausalLM, MoTModel
-from aigid.models.rope import RotaryEmbedding, apply_rotary
+from aigid.models.unigendet.mot import MoTConfig, MoTForCausalLM, MoTModel
+from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout, Split
 
 

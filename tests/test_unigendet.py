@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from aigid.models import flow
-from aigid.models.siglip import SigLIPConfig, SigLIPVisionModel
-from aigid.models.tokenizer import SPECIAL_TOKENS, ByteTokenizer, build_tokenizer
+from aigid.models.unigendet import flow
+from aigid.models.unigendet.siglip import SigLIPConfig, SigLIPVisionModel
+from aigid.models.unigendet.tokenizer import SPECIAL_TOKENS, ByteTokenizer, build_tokenizer
 from aigid.models.unigendet import (FAKE_CLASS, DetInputs, GenInputs, UniGenDet, UniGenDetConfig,
                                     detection_loss, patchify_latents, sincos_2d, unpatchify_latents)
 

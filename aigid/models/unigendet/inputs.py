@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from aigid.models.tokenizer import Tokenizer
+from aigid.models.unigendet.tokenizer import Tokenizer
 from aigid.packing import PackedLayout, Split
 
 __all__ = ["DetInputs", "GenInputs", "PackOutput", "Generated", "PackBuilder"]

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aigid import ops
-from aigid.models.rope import RMSNorm, RotaryEmbedding, apply_rotary
+from aigid.models.unigendet.rope import RMSNorm, RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout
 
 __all__ = ["MoTConfig", "MoTAttention", "MoTMLP", "MoTLayer", "MoTModel", "MoTOutput", "MoTForCausalLM"]

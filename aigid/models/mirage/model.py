@@ -26,9 +26,9 @@ from torch import nn
 
 from aigid import ops
 from aigid.data.transforms import ImageInput, eval_transform, to_pixels
-from aigid.models.clip_backbone import build_backbone
-from aigid.models.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
-from aigid.models.memory_bank import MemoryBank
+from aigid.models.mirage.clip_backbone import build_backbone
+from aigid.models.mirage.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
+from aigid.models.mirage.memory_bank import MemoryBank
 
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FILE = "config.json", "model.safetensors", "backbone.safetensors"
 

@@ -14,19 +14,18 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from aigid.models.mot import MoTConfig
-from aigid.models.siglip import patch_weight_from_linear
+from aigid.models.unigendet.config import UniGenDetConfig
+from aigid.models.unigendet.mot import MoTConfig
+from aigid.models.unigendet.siglip import patch_weight_from_linear
 
 if TYPE_CHECKING:
-    from aigid.models.unigendet import UniGenDet, UniGenDetConfig
+    from aigid.models.unigendet.model import UniGenDet
 
 __all__ = ["release_config", "release_to_ours", "has_vae", "build_vae"]
 
 
-def release_config(directory: str) -> "UniGenDetConfig":
+def release_config(directory: str) -> UniGenDetConfig:
     """bagel-7b, overridden by the release's Qwen2 / SigLIP configs (BAGEL drops SigLIP's last layer)."""
-    from aigid.models.unigendet import UniGenDetConfig
-
     config = UniGenDetConfig.named("bagel-7b")
     llm, vit = os.path.join(directory, "llm_config.json"), os.path.join(directory, "vit_config.json")
     if os.path.isfile(llm):

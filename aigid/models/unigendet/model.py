@@ -22,19 +22,17 @@ Linear(H/4, 2), read at the ``<|im_start|>`` opening the answer. Its class order
 (``FAKE_CLASS``, ``fake_label_to_class``). A 2-logit softmax CE is a BCE on the logit difference:
 ``CE(z, c) = BCE(σ(z_fake − z_real), [c == fake])``. ``diga_mlp`` projects layer-8 generator
 states for DIGA; ``latent_to_vit_connector`` exists in the release but no forward path uses it
-(kept only so checkpoints load). The flow convention is ``aigid.models.flow``'s.
+(kept only so checkpoints load). The flow convention is ``aigid.models.unigendet.flow``'s.
 
-Beside this file: ``unigendet_modules`` (embedders, connector, heads), ``unigendet_inputs`` (how
-samples are packed), ``unigendet_release`` (release folders, the VAE), ``sampling`` (next token).
+Beside this file: ``modules`` (embedders, connector, heads), ``inputs`` (how samples are
+packed), ``release`` (release folders, the VAE), ``sampling`` (next token), ``config``.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import asdict
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -44,17 +42,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aigid.data.transforms import ImageInput, eval_transform, to_pixels
-from aigid.models import flow
 from aigid.models.checkpoint import load_into, load_state_dict_dir, save_state_dict
-from aigid.models.mot import MoTConfig, MoTForCausalLM
-from aigid.models.sampling import next_token
-from aigid.models.siglip import SigLIPConfig, SigLIPVisionModel, position_ids
-from aigid.models.tokenizer import Tokenizer, build_tokenizer
-from aigid.models.unigendet_inputs import DetInputs, GenInputs, Generated, PackBuilder, PackOutput
-from aigid.models.unigendet_modules import (MLPConnector, PositionEmbedding, TimestepEmbedder,
+from aigid.models.unigendet import flow
+from aigid.models.unigendet.config import UniGenDetConfig
+from aigid.models.unigendet.inputs import DetInputs, GenInputs, Generated, PackBuilder, PackOutput
+from aigid.models.unigendet.modules import (MLPConnector, PositionEmbedding, TimestepEmbedder,
                                             patchify_latents, sincos_2d, unigendet_heads,
                                             unpatchify_latents)
-from aigid.models.unigendet_release import build_vae, has_vae, release_config, release_to_ours
+from aigid.models.unigendet.mot import MoTForCausalLM
+from aigid.models.unigendet.release import build_vae, has_vae, release_config, release_to_ours
+from aigid.models.unigendet.sampling import next_token
+from aigid.models.unigendet.siglip import SigLIPVisionModel, position_ids
+from aigid.models.unigendet.tokenizer import Tokenizer, build_tokenizer
 from aigid.packing import PackedLayout
 
 __all__ = ["UniGenDetConfig", "UniGenDet", "DetInputs", "GenInputs", "PackOutput", "Generated",
@@ -74,55 +73,6 @@ def fake_label_to_class(labels: torch.Tensor) -> torch.Tensor:
 def detection_loss(logits: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
     """Softmax CE of the 2-logit head on aigid labels (1 = fake); equals BCE on z_fake − z_real."""
     return F.cross_entropy(logits.float(), fake_label_to_class(fake_labels))
-
-
-# ---- configuration --------------------------------------------------------------------------
-@dataclass
-class UniGenDetConfig:
-    llm: Union[str, dict[str, Any]]                 # MoTConfig.named name or its fields
-    vit: dict[str, Any]                             # SigLIPConfig fields
-    vae: dict[str, Any] = field(default_factory=lambda: {"path": None, "init": None})
-    latent_patch_size: int = 2
-    max_latent_size: int = 64                       # latent_pos_embed table side (tokens)
-    vit_image_size: int = 504                       # pixels fed to SigLIP (multiple of its patch)
-    vae_image_size: int = 512                       # pixels fed to the VAE (multiple of 8·patch)
-    connector_act: str = "gelu_pytorch_tanh"
-    timestep_shift: float = 1.0                     # training shift (BAGEL: 1.0)
-    sample_shift: float = 3.0
-    sample_steps: int = 50
-    cfg_scale: float = 4.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    question: str = "Is this image real or fake?"
-    tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "bytes"})
-    preprocess: dict[str, Any] = field(default_factory=lambda: {
-        "size": 512, "resize_mode": "shortest", "interpolation": "bicubic",
-        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
-    arch: str = "unigendet"
-
-    @classmethod
-    def named(cls, name: str) -> "UniGenDetConfig":
-        """A shipped config: ``tiny`` or ``bagel-7b`` (aigid/models/configs/unigendet-*.json)."""
-        path = resources.files("aigid.models") / "configs" / f"unigendet-{name}.json"
-        if not path.is_file():
-            raise ValueError(f"no shipped UniGenDet config {name!r} (tiny, bagel-7b)")
-        return cls.from_dict(json.loads(path.read_text()))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "UniGenDetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown UniGenDet config fields {sorted(unknown)}")
-        raw = dict(raw)
-        if "cfg_interval" in raw:
-            raw["cfg_interval"] = tuple(raw["cfg_interval"])
-        return cls(**raw)
-
-    def mot(self) -> MoTConfig:
-        return MoTConfig.named(self.llm) if isinstance(self.llm, str) else MoTConfig(**self.llm)
-
-    def siglip(self) -> SigLIPConfig:
-        return SigLIPConfig(**self.vit)
 
 
 # ---- the model ------------------------------------------------------------------------------
