@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from aigid.data.bagel_resize import BagelResize
 from aigid.data.images import load_rgb
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
@@ -24,20 +25,28 @@ ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
 def _resize(pp: dict[str, Any]) -> list:
     size, mode = int(pp["size"]), pp.get("resize_mode", "shortest")
     interp = _INTERP[pp.get("interpolation", "bicubic")]
+    if mode == "bagel":  # aspect kept, no crop: each image keeps its own size (UniGenDet)
+        return [BagelResize(int(pp.get("max_size", 1024)), size, int(pp.get("stride", 16)))]
     if mode == "shortest":
         return [T.Resize(size, interpolation=interp, antialias=True)]
     if mode == "squash":
         return [T.Resize((size, size), interpolation=interp, antialias=True)]
-    raise ValueError(f"unsupported resize_mode {mode!r} (shortest or squash)")
+    raise ValueError(f"unsupported resize_mode {mode!r} (shortest, squash or bagel)")
 
 
 def _tensor_and_normalise(pp: dict[str, Any]) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp["mean"], pp["std"])]
 
 
+def is_variable_size(pp: dict[str, Any]) -> bool:
+    """True when the transform keeps each image's aspect (batches are lists, not one tensor)."""
+    return pp.get("resize_mode") == "bagel"
+
+
 def eval_transform(pp: dict[str, Any]) -> Transform:
-    """Deterministic: resize, centre crop to ``size``², to float, normalise."""
-    return T.Compose(_resize(pp) + [T.CenterCrop(int(pp["size"]))] + _tensor_and_normalise(pp))
+    """Deterministic: resize, centre crop to ``size``² (except ``bagel``: no crop), to float, normalise."""
+    crop = [] if is_variable_size(pp) else [T.CenterCrop(int(pp["size"]))]
+    return T.Compose(_resize(pp) + crop + _tensor_and_normalise(pp))
 
 
 def train_transform(pp: dict[str, Any]) -> Transform:
