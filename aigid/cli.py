@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from aigid.errors import MissingHeadError  # light: no model import
+
 
 def _cmd_demo(args) -> int:
     from aigid.demo import run_demo
@@ -41,14 +43,28 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _set_verdict(detector, verdict, cmd: str) -> None:
+    """``--verdict head|text`` (UniGenDet): kept in the detector's config, so the scan's run record
+    and result fingerprint say which verdict produced the scores."""
+    if verdict is None:
+        return
+    if getattr(getattr(detector, "config", None), "verdict", None) is None:
+        raise SystemExit(f"aigid {cmd}: --verdict applies to UniGenDet detectors only")
+    detector.config.verdict = verdict
+
+
 def _cmd_eval(args) -> int:
     from aigid.evaluate import device_of, evaluate
     from aigid.models.registry import load_detector
 
     detector = load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)))
-    result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
-                      num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
-                      robustness=args.robustness or ())
+    _set_verdict(detector, args.verdict, "eval")
+    try:
+        result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
+                          num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
+                          robustness=args.robustness or ())
+    except MissingHeadError as err:
+        raise SystemExit(f"aigid eval: {err}") from None
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -78,10 +94,14 @@ def _cmd_scan(args) -> int:
                                  device=str(device_of(args.device)))
     except FileNotFoundError as err:
         raise SystemExit(f"aigid scan: {err}") from None
-    summary = scan_to_store(args.paths, detector, out=args.out, batch_size=args.batch_size,
-                            decoder=args.decoder, num_workers=args.workers,
-                            resume=not args.no_resume, retry_errors=args.retry_errors,
-                            threshold=args.threshold, export=args.export, progress=not args.quiet)
+    _set_verdict(detector, args.verdict, "scan")
+    try:
+        summary = scan_to_store(args.paths, detector, out=args.out, batch_size=args.batch_size,
+                                decoder=args.decoder, num_workers=args.workers,
+                                resume=not args.no_resume, retry_errors=args.retry_errors,
+                                threshold=args.threshold, export=args.export, progress=not args.quiet)
+    except MissingHeadError as err:
+        raise SystemExit(f"aigid scan: {err}") from None
     print(json.dumps(summary, indent=2))
     return 0  # unreadable images are results (stored with their reason), not a failure
 
@@ -153,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="only images under this split folder (train/val/test)")
     e.add_argument("--out", help="write the JSON result here")
     e.add_argument("--threshold", type=float, default=0.5)
+    e.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: read the detection head "
+                   "(default) or parse the generated answer as the public evaluation does (the paper's accuracy)")
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
                    "blur sigma 2/4) or a list like jpeg90,blur2")
     e.add_argument("--cache-dir")
@@ -177,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="rescore items already in --out")
     s.add_argument("--retry-errors", action="store_true", help="retry items stored as errors")
     s.add_argument("--threshold", type=float, default=0.5, help="label = score >= threshold")
+    s.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: detection head (default) "
+                   "or the generated answer's wording")
     s.add_argument("--cache-dir")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_scan)

@@ -20,6 +20,7 @@ from aigid.data.perturb import Perturbation, compose, parse_sweep
 from aigid.data.transforms import eval_transform
 from aigid.metrics import binary_metrics, oracle_accuracy
 
+NO_VERDICT = "no verdict: the generated answer says neither real nor fake"
 _KEYS = ("acc", "real_acc", "fake_acc", "ap", "auroc", "eer")
 
 
@@ -37,11 +38,19 @@ def score(detector, items: Sequence[LabelledImage], batch_size: int = 64, num_wo
                         num_workers=num_workers, collate_fn=collate_skipping_errors)
     scores, kept, errors = [], [], []
     desc = "eval" if perturbation is None else f"eval[{perturbation.name}]"
+    check_ready = getattr(detector, "check_ready", None)
+    if check_ready is not None:  # e.g. a UniGenDet base without its detection head
+        check_ready()
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         errors += [{"path": items[i].path, "error": e} for i, e in batch["errors"]]
         if batch["pixels"] is not None:
-            scores.append(detector.predict(batch["pixels"]).numpy())
-            kept.append(batch["indices"].numpy())
+            s = detector.predict(batch["pixels"]).numpy()
+            idx = batch["indices"].numpy()
+            # NaN: a text verdict naming neither class; left out of the metrics and reported, as
+            # the public evaluation script leaves it out of its accuracy.
+            errors += [{"path": items[i].path, "error": NO_VERDICT} for i in idx[np.isnan(s)]]
+            scores.append(s[~np.isnan(s)])
+            kept.append(idx[~np.isnan(s)])
     if not scores:
         return np.zeros(0), np.zeros(0, dtype=np.int64), errors
     return np.concatenate(scores), np.concatenate(kept), errors
@@ -87,6 +96,7 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
     result["errors"] = errors
     result["protocol"] = {
         "threshold": threshold, "preprocess": detector.config.preprocess,
+        "verdict": getattr(detector.config, "verdict", "head"),
         "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
         "split": split, "data": data if isinstance(data, str) else None,
         "oracle_acc": "threshold chosen on the evaluated labels; not deployable",

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from aigid.data.transforms import is_variable_size
 from aigid.store import DoneFilter, ResultRow, ResultStore
 
 __all__ = ["ScanResult", "scan", "scan_to_store", "model_id", "default_workers"]
@@ -127,6 +128,9 @@ class _CountingSkip:
 # --------------------------------------------------------------------------- the scanner
 
 
+NO_VERDICT = "no verdict: the generated answer says neither real nor fake"
+
+
 def _predict(detector, pixels: torch.Tensor, autocast: bool) -> torch.Tensor:
     # Runs in the scoring thread: inference and autocast modes are thread-local, so set them here.
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -169,7 +173,12 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
     dev = _device_of(detector)
     if hasattr(detector, "eval"):
         detector.eval()
+    check_ready = getattr(detector, "check_ready", None)
+    if check_ready is not None:  # e.g. a UniGenDet base without its detection head: fail before reading
+        check_ready()
     workers = default_workers(dev) if num_workers is None else num_workers
+    if decoder == "auto" and is_variable_size(preprocess):
+        decoder = "pil"  # DALI's pipeline emits one size per batch; this detector keeps each aspect
     chosen = choose_decoder(decoder, dev)
 
     store = ResultStore(out) if out is not None else None
@@ -196,7 +205,9 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
             raise RuntimeError(f"detector returned {scores.numel()} scores for "
                                f"{len(batch.records)} images")
         now = time.time()
-        results = [ScanResult(r.id, r.hash, r.size, s, int(s >= threshold), None)
+        # NaN: a text verdict whose answer names neither class — stored as an error with its reason.
+        results = [ScanResult(r.id, r.hash, r.size, s, int(s >= threshold), None) if s == s else
+                   ScanResult(r.id, r.hash, r.size, None, None, NO_VERDICT)
                    for r, s in zip(batch.records, scores.tolist())]
         results += [ScanResult(r.id, r.hash, r.size, None, None, r.error or "unreadable")
                     for r in batch.errors]

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from aigid.data.dataset import stack_images
 from aigid.store import ResultRow, ResultStore, decode_id
 
 __all__ = ["scan_ray"]
@@ -98,7 +99,7 @@ class _Scorer:
         ok = [d for d in decoded if d[3] is not None]
         scores: list = []
         if ok:
-            pixels = torch.stack([d[3] for d in ok]).to(self.device, non_blocking=True)
+            pixels = stack_images([d[3].to(self.device, non_blocking=True) for d in ok])
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
                                                         enabled=self.device.type == "cuda"):
                 scores = self.detector.predict(pixels).float().tolist()

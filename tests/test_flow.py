@@ -39,10 +39,22 @@ def test_interpolation_convention_t1_is_noise():
 
 
 def test_schedule_runs_from_noise_to_data():
+    # BAGEL's num_timesteps=50 is 50 grid points from 1 to 0.
     ts = flow.sampling_schedule(50, 3.0)
-    assert ts.shape == (51,) and ts[0] == 1 and ts[-1] == 0 and (ts.diff() < 0).all()
+    assert ts.shape == (50,) and ts[0] == 1 and ts[-1] == 0 and (ts.diff() < 0).all()
     with pytest.raises(ValueError):
-        flow.sampling_schedule(0)
+        flow.sampling_schedule(1)
+
+
+def test_fifty_steps_make_forty_nine_model_calls_as_bagel():
+    calls = []
+
+    def velocity(x, t, guided):
+        calls.append(float(t[0]))
+        return torch.zeros_like(x), None
+
+    flow.euler_sample(velocity, torch.zeros(1, 4), steps=50, shift=3.0, cfg_scale=1.0)
+    assert len(calls) == 49 and calls[0] == 1.0 and min(calls) > 0
 
 
 def test_euler_with_the_exact_velocity_lands_on_the_data_point():
@@ -66,7 +78,7 @@ def test_guidance_only_inside_its_interval():
 
     flow.euler_sample(velocity, torch.zeros(2, 4), steps=20, shift=3.0, cfg_scale=4.0,
                       cfg_interval=(0.4, 1.0))
-    assert len(seen) == 20
+    assert len(seen) == 19
     assert all(g == (0.4 < t <= 1.0) for t, g in seen)
     assert any(g for _, g in seen) and not all(g for _, g in seen)
 

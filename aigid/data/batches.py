@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from aigid import backends
 from aigid.data.decode_cpu import Chunk, Meta, ScanDataset, make_loader
 from aigid.data.sources import IMAGE_EXTENSIONS
-from aigid.data.transforms import eval_transform
+from aigid.data.transforms import eval_transform, is_variable_size
 
 __all__ = ["Record", "Batch", "iter_batches", "choose_decoder"]
 
@@ -41,7 +41,8 @@ class Record:
 @dataclass
 class Batch:
     records: list[Record]  # metadata of the decoded images, same order as ``pixels`` rows
-    pixels: torch.Tensor  # (n, 3, S, S) normalised, on the requested device; n may be 0
+    pixels: torch.Tensor | list[torch.Tensor]  # (n, 3, S, S) normalised, on the requested device
+    # (n may be 0); a list of (3, H_i, W_i) when the preprocess keeps each image's aspect
     errors: list[Record]  # items of this batch that failed, in any order
 
 
@@ -93,6 +94,11 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
         raise ValueError("batch_size and prefetch must be >= 1 and num_workers >= 0")
     eval_transform(preprocess)  # a bad preprocess dict fails here, not inside a worker
     device = torch.device(device)
+    if is_variable_size(preprocess) and decoder != "pil":
+        if decoder == "dali":
+            raise ValueError("decoder='dali' needs a fixed-size preprocess; this detector keeps each "
+                             "image's aspect (resize_mode 'bagel'): use decoder='pil' or 'auto'")
+        decoder = "pil"  # the DALI pipeline emits one size per batch
     choice = choose_decoder(decoder, device)
     _check_skip(skip, num_workers)
 
@@ -124,7 +130,9 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
 def _pil_batches(loader: Iterable[Chunk], device: torch.device) -> Iterator[Batch]:
     for chunk in loader:
         pixels = chunk.pixels
-        if pixels.device != device:
+        if isinstance(pixels, list):  # images of different sizes (an aspect-keeping preprocess)
+            pixels = [p.to(device, non_blocking=True) for p in pixels]
+        elif pixels.device != device:
             pixels = pixels.to(device, non_blocking=True)  # pinned by the loader on CUDA
         yield Batch(_records(chunk.meta), pixels, _records(chunk.errors))
 

@@ -5,7 +5,7 @@ collate function drops it from the batch and hands the errors to the caller to r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -30,10 +30,18 @@ class LabelledImages(Dataset):
         return {"index": index, "label": item.label, "pixels": pixels, "error": None}
 
 
+def stack_images(rows: Sequence[torch.Tensor]) -> Union[torch.Tensor, list[torch.Tensor]]:
+    """One (N, 3, H, W) tensor when every image has the same size; else the list as it is (a
+    detector whose preprocessing keeps each image's aspect, UniGenDet, takes lists)."""
+    if len({tuple(r.shape) for r in rows}) <= 1:
+        return torch.stack(list(rows))
+    return list(rows)
+
+
 def collate_skipping_errors(batch: list[dict[str, Any]]) -> dict[str, Any]:
     good = [b for b in batch if b["error"] is None]
     return {
-        "pixels": torch.stack([b["pixels"] for b in good]) if good else None,
+        "pixels": stack_images([b["pixels"] for b in good]) if good else None,
         "labels": torch.tensor([b["label"] for b in good], dtype=torch.long),
         "indices": torch.tensor([b["index"] for b in good], dtype=torch.long),
         "errors": [(b["index"], b["error"]) for b in batch if b["error"] is not None],

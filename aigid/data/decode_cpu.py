@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from aigid.data.images import ImageError, load_rgb
 from aigid.data.sources import (IMAGE_EXTENSIONS, Archive, ItemError, content_hash, iter_units,
                                 read_file, stream_archive)
+from aigid.data.dataset import stack_images
 from aigid.data.transforms import Transform, eval_transform
 
 __all__ = ["Meta", "Chunk", "ScanDataset", "decode_image", "make_loader"]
@@ -50,7 +51,8 @@ class Chunk:
     encoded: list[tuple[Meta, bytes]] = field(default_factory=list)  # for the GPU decoder
 
     def pin_memory(self) -> "Chunk":  # called by the DataLoader's pin-memory thread
-        self.pixels = self.pixels.pin_memory()
+        self.pixels = ([p.pin_memory() for p in self.pixels] if isinstance(self.pixels, list)
+                       else self.pixels.pin_memory())
         return self
 
 
@@ -127,7 +129,7 @@ class ScanDataset(IterableDataset):
         encoded: list[tuple[Meta, bytes]] = []
 
         def flush() -> Chunk:
-            pixels = (torch.stack(rows) if rows
+            pixels = (stack_images(rows) if rows
                       else torch.empty(0, 3, size, size, dtype=self.dtype))
             return Chunk(list(meta), pixels, list(errors), list(encoded))
 

@@ -59,10 +59,11 @@ def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torc
 
 
 def sampling_schedule(steps: int, shift: float = 3.0, device=None) -> torch.Tensor:
-    """(steps + 1,) shifted times from 1 to 0 (BAGEL's ``num_timesteps`` = steps + 1)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    """(steps,) shifted times from 1 to 0: BAGEL's ``num_timesteps`` grid points, so ``steps − 1``
+    Euler steps (model calls); the last point is the end, never evaluated."""
+    if steps < 2:
+        raise ValueError(f"steps (grid points, BAGEL's num_timesteps) must be >= 2, got {steps}")
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps, device=device), shift)
 
 
 def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float,
@@ -92,7 +93,8 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, Op
 def euler_sample(velocity: VelocityFn, noise: torch.Tensor, *, steps: int = 50, shift: float = 3.0,
                  cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
                  renorm: Optional[str] = "global", renorm_min: float = 0.0) -> torch.Tensor:
-    """Integrate dx/dt = v from t = 1 (``noise``, (N, ...)) to t = 0 with ``steps`` Euler steps.
+    """Integrate dx/dt = v from t = 1 (``noise``, (N, ...)) to t = 0 over ``steps`` grid points
+    (``steps − 1`` Euler steps and model calls, as BAGEL's ``num_timesteps=50`` makes 49).
 
     ``velocity(x, t, guided)`` gets the batch and its time t ((N,) tensor) and returns
     ``(v_cond, v_uncond)``; it must compute ``v_uncond`` only when ``guided`` (else None).
@@ -101,7 +103,7 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, *, steps: int = 50, 
     times = sampling_schedule(steps, shift, device=noise.device)
     x = noise
     lo, hi = cfg_interval
-    for i in range(steps):
+    for i in range(steps - 1):
         t, dt = times[i], times[i] - times[i + 1]
         guided = cfg_scale > 1.0 and lo < float(t) <= hi
         v_c, v_u = velocity(x, t.expand(x.shape[0]), guided)

@@ -9,7 +9,7 @@ inside the split (same RoPE id, as BAGEL); the markers are text, so the model ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -19,15 +19,27 @@ from aigid.packing import PackedLayout, Split
 __all__ = ["DetInputs", "GenInputs", "PackOutput", "Generated", "PackBuilder"]
 
 
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
 @dataclass
 class DetInputs:
-    """A batch of detection samples (same image size within the batch)."""
-    vit_pixels: torch.Tensor                        # (N, 3, Hv, Wv), normalised to [-1, 1]
-    latents: torch.Tensor                           # (N, C, h, w) clean, scaled VAE latents
-    question_ids: list[list[int]]
+    """A batch of detection samples. Images may differ in size (BAGEL keeps each image's aspect):
+    give a list of per-image tensors, or one batch tensor when they share a size.
+
+    Sample layout: ``[prefix] VAE [mid] ViT [question] <|im_start|> answer``; ``mid`` is the text
+    the released DIGA script puts between the VAE and the ViT split of its teacher; a ``None``
+    question skips the question split (that teacher has none)."""
+    vit_pixels: Images                              # N × (3, Hv, Wv), normalised to [-1, 1]
+    latents: Images                                 # N × (C, h, w) clean, scaled VAE latents
+    question_ids: list[Optional[list[int]]]
     answer_ids: Optional[list[list[int]]] = None    # None: the answer split is just <|im_start|>
     close_answer: bool = True                       # append <|im_end|> to answers (False: decoding)
     prefix_ids: Optional[list[Optional[list[int]]]] = None
+    mid_ids: Optional[list[Optional[list[int]]]] = None
+
+    def __len__(self) -> int:
+        return len(self.vit_pixels)
 
 
 @dataclass
@@ -48,8 +60,10 @@ class PackOutput:
     answer_logits: Optional[torch.Tensor] = None    # (n_labels, V) at answer positions
     answer_labels: Optional[torch.Tensor] = None    # (n_labels,)
     answer_last: Optional[torch.Tensor] = None      # (N_det,) position of each answer's last token
-    vit_index: Optional[torch.Tensor] = None        # (N_det, n_vit) pack positions of ViT tokens
-    vit_grid: Optional[tuple[int, int]] = None
+    # Pack positions of each image's ViT tokens and its ViT grid: a (N_det, n_vit) tensor and one
+    # grid when every image has the same size, else lists with one entry per image.
+    vit_index: Optional[Union[torch.Tensor, list[torch.Tensor]]] = None
+    vit_grid: Optional[Union[tuple[int, int], list[tuple[int, int]]]] = None
     gen_vae_index: Optional[torch.Tensor] = None    # (N_gen, n_tok) positions of noisy VAE tokens
     velocity: Optional[torch.Tensor] = None         # (N_gen, n_tok, p·p·C)
 

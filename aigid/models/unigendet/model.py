@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import asdict
 from typing import Any, Optional, Sequence, Union
@@ -41,24 +42,29 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from aigid.data.transforms import ImageInput, eval_transform, to_pixels
+from aigid.data.bagel_resize import BagelResize
+from aigid.data.images import load_rgb
+from aigid.data.transforms import ImageInput, eval_transform
+from aigid.errors import MissingHeadError
 from aigid.models.checkpoint import load_into, load_state_dict_dir, save_state_dict
 from aigid.models.unigendet import flow
-from aigid.models.unigendet.config import UniGenDetConfig
-from aigid.models.unigendet.inputs import DetInputs, GenInputs, Generated, PackBuilder, PackOutput
+from aigid.models.unigendet.config import GENERATION_PRESETS, UniGenDetConfig
+from aigid.models.unigendet.inputs import DetInputs, GenInputs, Generated, Images, PackBuilder, PackOutput
 from aigid.models.unigendet.modules import (MLPConnector, PositionEmbedding, TimestepEmbedder,
                                             patchify_latents, sincos_2d, unigendet_heads,
                                             unpatchify_latents)
 from aigid.models.unigendet.mot import MoTForCausalLM
-from aigid.models.unigendet.release import build_vae, has_vae, release_config, release_to_ours
-from aigid.models.unigendet.sampling import next_token
+from aigid.models.unigendet.release import (build_vae, has_vae, read_release_weights, release_config,
+                                            release_to_ours)
 from aigid.models.unigendet.siglip import SigLIPVisionModel, position_ids
 from aigid.models.unigendet.tokenizer import Tokenizer, build_tokenizer
 from aigid.packing import PackedLayout
 
 __all__ = ["UniGenDetConfig", "UniGenDet", "DetInputs", "GenInputs", "PackOutput", "Generated",
            "FAKE_CLASS", "REAL_CLASS", "fake_label_to_class", "detection_loss", "patchify_latents",
-           "unpatchify_latents", "sincos_2d"]
+           "unpatchify_latents", "sincos_2d", "MissingHeadError"]
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, VAE_FILE = "config.json", "model.safetensors", "vae.safetensors"
 FAKE_CLASS, REAL_CLASS = 0, 1                      # fake_cls_head's class order (the released code's)
@@ -105,7 +111,11 @@ class UniGenDet(nn.Module):
         # The VAE is external: not a submodule (so state dicts hold BAGEL's keys only), built lazily.
         self.__dict__["_vae"] = vae
         self._tokenizer: Optional[Tokenizer] = None
-        self._transform = eval_transform(config.preprocess)
+        self._transform = eval_transform(config.preprocess)  # the VAE image (BAGEL's resize)
+        self._vit_resize = BagelResize(**{k: int(v) for k, v in config.vit_resize.items()})
+        self.random_heads: list[str] = []       # heads the loaded weights lacked (from_pretrained)
+        self.allow_random_heads = False
+        self.source: Optional[str] = None       # the folder it was loaded from
 
     # ---- plumbing -------------------------------------------------------------------------
     @property
@@ -150,19 +160,36 @@ class UniGenDet(nn.Module):
     def gradient_checkpointing(self, on: bool) -> None:
         self.language_model.model.gradient_checkpointing = bool(on)
 
-    # ---- latents ------------------------------------------------------------------------------
+    # ---- images and latents ---------------------------------------------------------------------
     def latent_grid(self, latents_hw: tuple[int, int]) -> tuple[int, int]:
         p = self.config.latent_patch_size
         return latents_hw[0] // p, latents_hw[1] // p
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] pixels (N, 3, H, W) → scaled latents ``scale·(mode(z) − shift)`` (N, C, h, w).
+    def encode_latents(self, pixels: Images, *, sample: Optional[bool] = None,
+                       seed: Optional[int] = None) -> Images:
+        """[-1, 1] VAE images → scaled latents ``scale·(z − shift)``, per image (a list in, a list
+        out; a batch tensor in, a batch tensor out).
 
-        BAGEL samples z from the posterior; the mode keeps ``predict`` deterministic."""
+        ``z`` is sampled from the posterior as BAGEL does (``DiagonalGaussian(sample=True)``) unless
+        ``sample=False`` (its mode). Each image's noise comes from a CPU generator seeded with
+        ``seed`` (default ``config.latent_seed``), so an image's latents do not depend on the
+        other images of its batch. Same-size images share one VAE call."""
+        sample = self.config.latent_sample if sample is None else sample
+        seed = self.config.latent_seed if seed is None else seed
+        images = _as_list(pixels)
         vae, spec = self.vae, self.config.vae
-        z = vae.encode(pixels.to(self.device, next(vae.parameters()).dtype)).latent_dist.mode()
-        return ((z - spec.get("shift", 0.0)) * spec.get("scale", 1.0)).float()
+        dtype = next(vae.parameters()).dtype
+        out: list[Optional[torch.Tensor]] = [None] * len(images)
+        for idxs in _same_shape_groups(images):
+            dist = vae.encode(torch.stack([images[i] for i in idxs]).to(self.device, dtype)).latent_dist
+            for j, i in enumerate(idxs):
+                z = dist.mean[j].float()
+                if sample:
+                    g = torch.Generator(device="cpu").manual_seed(int(seed))
+                    z = z + dist.std[j].float() * torch.randn(z.shape, generator=g).to(z.device)
+                out[i] = (z - spec.get("shift", 0.0)) * spec.get("scale", 1.0)
+        return torch.stack(out) if isinstance(pixels, torch.Tensor) else out
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -171,6 +198,12 @@ class UniGenDet(nn.Module):
         z = latents / spec.get("scale", 1.0) + spec.get("shift", 0.0)
         x = vae.decode(z.to(next(vae.parameters()).dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def vit_image(self, vae_pixels: torch.Tensor) -> torch.Tensor:
+        """The SigLIP image of one VAE-sized image: BAGEL's ``ImageTransform(980, 224, 14)`` rule
+        applied to it (bicubic, antialiased; on the normalised tensor, where the public code
+        resizes the 8-bit PIL image — the difference is that rounding)."""
+        return self._vit_resize(vae_pixels.float())
 
     # ---- packing and the forward pass -------------------------------------------------------
     def _latent_ids(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -182,44 +215,63 @@ class UniGenDet(nn.Module):
     def _im(self, ids: Sequence[int]) -> list[int]:
         return [self.tokenizer.im_start, *ids, self.tokenizer.im_end]
 
+    def _vit_features(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Per image: connector(SigLIP tokens) + ViT position embedding (n_i, H), and its grid.
+        Same-size images share one SigLIP call."""
+        patch = self.vit_model.config.patch_size
+        dtype = self.vit_model.vision_model.embeddings.patch_embedding.weight.dtype
+        feats: list[Optional[torch.Tensor]] = [None] * len(images)
+        for idxs in _same_shape_groups(images):
+            tokens, ids = self.vit_model(torch.stack([images[i] for i in idxs]).to(self.device, dtype))
+            group = self.connector(tokens) + self.vit_pos_embed(ids)
+            for j, i in enumerate(idxs):
+                feats[i] = group[j]
+        grids = [(im.shape[-2] // patch, im.shape[-1] // patch) for im in images]
+        return feats, grids
+
     def forward(self, det: Optional[DetInputs] = None, gen: Optional[GenInputs] = None, *,
-                return_layers: Sequence[int] = ()) -> PackOutput:
-        """Pack detection samples, then generation samples, run the MoT once, read the heads."""
+                return_layers: Sequence[int] = (), kv_cache: Any = None) -> PackOutput:
+        """Pack detection samples, then generation samples, run the MoT once, read the heads.
+
+        ``kv_cache``: handed to the MoT, which stores every layer's keys and values in it (the
+        prefill of cached decoding, :mod:`aigid.models.unigendet.decode`)."""
         if det is None and gen is None:
             raise ValueError("UniGenDet.forward needs detection and/or generation inputs")
         tok, b = self.tokenizer, PackBuilder(self.tokenizer)
         p = self.config.latent_patch_size
         latent_tokens, latent_t, latent_ids = [], [], []
-        vit_feats = vit_grid = None
+        vit_feats: list[torch.Tensor] = []
+        vit_grids: list[tuple[int, int]] = []
+        vit_spans: list[list[int]] = []
         n_det = n_gen = 0
         if det is not None:
-            n_det = det.vit_pixels.shape[0]
-            _check_batch("det", n_det, latents=det.latents.shape[0], questions=len(det.question_ids),
+            vit_images, lat_images = _as_list(det.vit_pixels), _as_list(det.latents)
+            n_det = len(vit_images)
+            _check_batch("det", n_det, latents=len(lat_images), questions=len(det.question_ids),
                          answers=None if det.answer_ids is None else len(det.answer_ids),
-                         prefixes=None if det.prefix_ids is None else len(det.prefix_ids))
-            patch_w = self.vit_model.vision_model.embeddings.patch_embedding.weight
-            vit_tokens, vit_ids = self.vit_model(det.vit_pixels.to(self.device, patch_w.dtype))
-            vit_grid = (det.vit_pixels.shape[-2] // self.vit_model.config.patch_size,
-                        det.vit_pixels.shape[-1] // self.vit_model.config.patch_size)
-            vit_feats = self.connector(vit_tokens) + self.vit_pos_embed(vit_ids)
-            lat = patchify_latents(det.latents.to(self.device), p)
-            grid = self.latent_grid(det.latents.shape[-2:])
+                         prefixes=None if det.prefix_ids is None else len(det.prefix_ids),
+                         mids=None if det.mid_ids is None else len(det.mid_ids))
+            vit_feats, vit_grids = self._vit_features(vit_images)
             for i in range(n_det):
+                lat = patchify_latents(lat_images[i][None].to(self.device), p)[0]
                 b.sample()
                 if det.prefix_ids is not None and det.prefix_ids[i] is not None:
                     b.text(self._im(det.prefix_ids[i]))
-                b.image("vae", lat.shape[1])
-                b.image("vit", vit_feats.shape[1])
-                b.text(self._im(det.question_ids[i]))
+                b.image("vae", lat.shape[0])
+                if det.mid_ids is not None and det.mid_ids[i] is not None:
+                    b.text(self._im(det.mid_ids[i]))
+                vit_spans.append(b.image("vit", vit_feats[i].shape[0]))
+                if det.question_ids[i] is not None:
+                    b.text(self._im(det.question_ids[i]))
                 if det.answer_ids is None:
                     answer = [tok.im_start]
                 else:
                     answer = [tok.im_start, *det.answer_ids[i]] + ([tok.im_end] if det.close_answer else [])
                 b.cls_pos.append(b.text(answer, labels=det.answer_ids is not None))
                 b.answer_last.append(b.cur - 1)
-            latent_tokens.append(lat.flatten(0, 1))
-            latent_t.append(torch.zeros(lat.shape[0] * lat.shape[1], device=self.device))
-            latent_ids.append(self._latent_ids(grid).repeat(n_det))
+                latent_tokens.append(lat)
+                latent_t.append(torch.zeros(lat.shape[0], device=self.device))
+                latent_ids.append(self._latent_ids(self.latent_grid(lat_images[i].shape[-2:])))
         if gen is not None:
             n_gen = gen.x_t.shape[0]
             _check_batch("gen", n_gen, prompts=len(gen.prompt_ids), t=gen.t.shape[0])
@@ -243,21 +295,24 @@ class UniGenDet(nn.Module):
         embed = self.language_model.model.embed_tokens
         x = embed.weight.new_zeros(layout.total, self.hidden_size)
         x = x.index_put((idx(b.text_pos),), embed(idx(b.text_ids)))
-        if vit_feats is not None:
-            x = x.index_put((idx(b.vit_pos),), vit_feats.flatten(0, 1).to(x.dtype))
+        if vit_feats:
+            x = x.index_put((idx(b.vit_pos),), torch.cat(vit_feats).to(x.dtype))
         lat_in = self.vae2llm(torch.cat(latent_tokens).to(self.vae2llm.weight.dtype))
         lat_in = lat_in + self.time_embedder(torch.cat(latent_t)) + self.latent_pos_embed(torch.cat(latent_ids))
         x = x.index_put((idx(b.vae_pos),), lat_in.to(x.dtype))
 
+        mot_kwargs = {} if kv_cache is None else {"kv_cache": kv_cache}
         out = self.language_model.model(x, layout, return_layers=tuple(return_layers),
-                                        attention_backend=self.attention_backend)
+                                        attention_backend=self.attention_backend, **mot_kwargs)
         h = out.last_hidden_state
         res = PackOutput(hidden=h, layer_outputs=dict(out.layer_outputs), layout=layout)
         if n_det:
             res.cls_logits = self.fake_cls_head(h[idx(b.cls_pos)])
             res.answer_last = idx(b.answer_last)
-            res.vit_index = idx(b.vit_pos).view(n_det, -1)
-            res.vit_grid = vit_grid
+            if len(set(vit_grids)) == 1:
+                res.vit_index, res.vit_grid = idx(vit_spans), vit_grids[0]
+            else:
+                res.vit_index, res.vit_grid = [idx(s) for s in vit_spans], vit_grids
             if b.label_pos:
                 res.answer_logits = self.language_model.lm_head(h[idx(b.label_pos)])
                 res.answer_labels = idx(b.label_ids)
@@ -267,87 +322,124 @@ class UniGenDet(nn.Module):
         return res
 
     # ---- inputs from images and text ----------------------------------------------------------
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """PIL images / paths / a batch tensor → normalised pixels on this model's device."""
-        return to_pixels(images, self._transform, self.device)
+    def preprocess(self, images: ImageInput) -> list[torch.Tensor]:
+        """PIL images / paths → per-image VAE images (BAGEL's resize: aspect kept, no crop), each
+        (3, H_i, W_i) normalised to [-1, 1] on this model's device. Tensors are taken as already
+        preprocessed: a (N, 3, H, W) batch, a (3, H, W) image, or a list of (3, H_i, W_i)."""
+        if isinstance(images, torch.Tensor):
+            return [im.to(self.device) for im in (images if images.ndim == 4 else images[None])]
+        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        if not items:
+            raise ValueError("no images given")
+        if all(isinstance(im, torch.Tensor) for im in items):
+            return [im.to(self.device) for im in items]
+        return [self._transform(im if isinstance(im, Image.Image) else load_rgb(im)).to(self.device)
+                for im in items]
 
-    def _resize(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
-        if pixels.shape[-2:] == (size, size):
-            return pixels
-        return F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-    def detection_inputs(self, pixels: torch.Tensor, *, latents: Optional[torch.Tensor] = None,
-                         answers: Optional[Sequence[str]] = None, close_answer: bool = True) -> DetInputs:
-        """Normalised pixels → SigLIP-sized pixels, VAE latents (encoded unless given), token ids."""
-        pixels = pixels.to(self.device)
-        vit = self._resize(pixels, self.config.vit_image_size)
+    def detection_inputs(self, pixels: Images, *, vit_pixels: Optional[Images] = None,
+                         latents: Optional[Images] = None, answers: Optional[Sequence[str]] = None,
+                         close_answer: bool = True, question: Optional[str] = None) -> DetInputs:
+        """VAE images → their SigLIP images (unless given), VAE latents (encoded unless given) and
+        token ids of ``question`` (default ``config.question``, FakeClue's training question)."""
+        images = [im.to(self.device) for im in _as_list(pixels)]
+        vit = [self.vit_image(im) for im in images] if vit_pixels is None else _as_list(vit_pixels)
         if latents is None:
-            latents = self.encode_latents(self._resize(pixels, self.config.vae_image_size))
-        q = self.tokenizer.encode(self.config.question)
-        n = pixels.shape[0]
+            latents = self.encode_latents(images)
+        q = self.tokenizer.encode(self.config.question if question is None else question)
         ans = None if answers is None else [self.tokenizer.encode(a) for a in answers]
-        return DetInputs(vit, latents.to(self.device), [q] * n, ans, close_answer)
+        return DetInputs(vit, [z.to(self.device) for z in _as_list(latents)], [q] * len(images), ans,
+                         close_answer)
 
     # ---- inference ----------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def check_ready(self, verdict: Optional[str] = None) -> None:
+        """Raise when this model cannot score: a head-less load (a BAGEL base without a
+        fine-tuned checkpoint) asked for ``verdict="head"``."""
+        verdict = verdict or self.config.verdict
+        if verdict not in ("head", "text"):
+            raise ValueError(f"verdict must be 'head' or 'text', got {verdict!r}")
+        if verdict == "head" and "fake_cls_head" in self.random_heads and not self.allow_random_heads:
+            raise MissingHeadError(
+                f"{self.source or 'this UniGenDet'} has no fake_cls_head (a BAGEL base without the "
+                "fine-tuned UniGenDet checkpoint): load it with checkpoint=<fine-tuned weights>, or "
+                "pass allow_random_heads=True to start training from a randomly initialised head")
+
     @torch.no_grad()
-    def detect_logits(self, pixels: torch.Tensor, latents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(N, 2) fake_cls_head logits (class 0 = fake) for normalised pixels."""
+    def detect_logits(self, pixels: Images, latents: Optional[Images] = None) -> torch.Tensor:
+        """(N, 2) fake_cls_head logits (class 0 = fake) for VAE images (see ``preprocess``)."""
+        self.check_ready("head")
         with self._autocast():
             return self(det=self.detection_inputs(pixels, latents=latents)).cls_logits.float()
 
     @torch.no_grad()
-    def predict(self, images: ImageInput, latents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """P(fake) per image, (N,) float32 on CPU. Tensors must already be preprocessed."""
-        return self.detect_logits(self.preprocess(images), latents).softmax(-1)[:, FAKE_CLASS].cpu()
+    def predict(self, images: ImageInput, latents: Optional[Images] = None, *,
+                verdict: Optional[str] = None, max_new_tokens: Optional[int] = None) -> torch.Tensor:
+        """P(fake) per image, (N,) float32 on CPU.
+
+        ``verdict="head"`` (default ``config.verdict``): softmax of ``fake_cls_head``.
+        ``verdict="text"``: greedy answer to the question + the public evaluation's format hint,
+        parsed as ``eval/det/fakevlm_test.py`` does — 1.0 "fake", 0.0 "real", NaN when the answer
+        says neither (the public script leaves such answers out of its accuracy). The paper's
+        accuracy is this mode's."""
+        verdict = verdict or self.config.verdict
+        self.check_ready(verdict)
+        pixels = self.preprocess(images)
+        if verdict == "head":
+            return self.detect_logits(pixels, latents).softmax(-1)[:, FAKE_CLASS].cpu()
+        texts = self.explain(pixels, latents=latents, greedy=True,
+                             question=self.config.question + self.config.answer_format_hint,
+                             max_new_tokens=max_new_tokens or self.config.text_max_new_tokens)
+        from aigid.models.unigendet.decode import parse_verdict
+        labels = [parse_verdict(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        return torch.tensor([float("nan") if v is None else float(v) for v in labels])
 
     @torch.no_grad()
     def explain(self, images: ImageInput, max_new_tokens: int = 256, temperature: float = 0.7,
                 top_p: float = 0.8, top_k: int = 20, repetition_penalty: float = 1.05,
-                greedy: bool = False, seed: int = 0,
-                latents: Optional[torch.Tensor] = None) -> Union[str, list[str]]:
+                greedy: bool = False, seed: int = 0, latents: Optional[Images] = None,
+                question: Optional[str] = None, use_cache: bool = True) -> Union[str, list[str]]:
         """Decode the answer after ``<|im_start|>`` (a str for one image, else a list).
 
-        A plain loop without a KV cache: each new token re-runs the whole pack (correct, and
-        quadratic in the answer length; a cached decoder is future work).
-        """
+        With ``use_cache`` (default) the image and question are run once and each new token reads
+        the stored keys/values (``aigid.models.unigendet.decode``); ``use_cache=False`` re-runs
+        the whole pack per token (the reference; same tokens)."""
         single = isinstance(images, (Image.Image, str, os.PathLike)) or (
             isinstance(images, torch.Tensor) and images.ndim == 3)
         pixels = self.preprocess(images)
-        det = self.detection_inputs(pixels, latents=latents, answers=[""] * pixels.shape[0], close_answer=False)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        done = [False] * pixels.shape[0]
-        for _ in range(max_new_tokens):
-            with self._autocast():
-                out = self(det=det)
-            logits = self.language_model.lm_head(out.hidden[out.answer_last]).float().cpu()
-            for i, row in enumerate(logits):
-                if done[i]:
-                    continue
-                nxt = next_token(row, det.answer_ids[i], greedy, temperature, top_k, top_p,
-                                  repetition_penalty, gen)
-                if nxt == self.tokenizer.im_end:
-                    done[i] = True
-                else:
-                    det.answer_ids[i].append(nxt)
-            if all(done):
-                break
-        texts = [self.tokenizer.decode(ids) for ids in det.answer_ids]
+        det = self.detection_inputs(pixels, latents=latents, answers=[""] * len(pixels),
+                                    close_answer=False, question=question)
+        from aigid.models.unigendet.decode import decode_answers, decode_answers_uncached
+        run = decode_answers if use_cache else decode_answers_uncached
+        ids = run(self, det, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        texts = [self.tokenizer.decode(x) for x in ids]
         return texts[0] if single else texts
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], steps: Optional[int] = None, cfg: Optional[float] = None,
                  seed: int = 0, *, shift: Optional[float] = None, decode: bool = True,
-                 cfg_renorm: Optional[str] = "global") -> Generated:
-        """Text → latents by Euler integration of the flow from t = 1 (noise) to 0, with text CFG."""
+                 cfg_renorm: Optional[str] = "global", size: Optional[int] = None,
+                 preset: str = "default") -> Generated:
+        """Text → latents by Euler integration of the flow from t = 1 (noise) to 0, with text CFG.
+
+        ``steps`` is BAGEL's ``num_timesteps``: that many grid points, ``steps − 1`` model calls.
+        ``preset``: ``"default"`` (``config``'s CFG interval and size) or ``"paper-fid"`` (1024²,
+        CFG over the whole schedule, the paper's FID setting); explicit arguments win."""
+        if preset not in GENERATION_PRESETS:
+            raise ValueError(f"unknown preset {preset!r} ({', '.join(GENERATION_PRESETS)})")
         if isinstance(prompts, str):
             prompts = [prompts]
-        c = self.config
+        c, pre = self.config, GENERATION_PRESETS[preset]
         steps, cfg, shift = steps or c.sample_steps, c.cfg_scale if cfg is None else cfg, shift or c.sample_shift
+        size = size or pre["size"] or c.vae_image_size
+        interval = tuple(pre["cfg_interval"] or c.cfg_interval)
         down = int(c.vae.get("downsample", 8)) * c.latent_patch_size
-        grid = (c.vae_image_size // down, c.vae_image_size // down)
+        if size % down:
+            raise ValueError(f"image size {size} is not a multiple of {down} (VAE ×{down // c.latent_patch_size}"
+                             f" and {c.latent_patch_size}×{c.latent_patch_size} latent patches)")
+        grid = (size // down, size // down)
         ids = [self.tokenizer.encode(p) for p in prompts]
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(len(ids), grid[0] * grid[1], self.patch_latent_dim, generator=g).to(self.device)
@@ -361,7 +453,7 @@ class UniGenDet(nn.Module):
             return (v[:n], v[n:]) if guided else (v, None)
 
         tokens = flow.euler_sample(velocity, noise, steps=steps, shift=shift, cfg_scale=cfg,
-                                   cfg_interval=tuple(c.cfg_interval), renorm=cfg_renorm)
+                                   cfg_interval=interval, renorm=cfg_renorm)
         latents = unpatchify_latents(tokens, grid, c.latent_patch_size, self.latent_channels)
         images = self.decode_latents(latents) if decode and has_vae(c.vae, self._vae) else None
         return Generated(latents=latents, images=images)
@@ -380,17 +472,25 @@ class UniGenDet(nn.Module):
             json.dump(raw, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[UniGenDetConfig] = None,
-                        map_location: str = "cpu", dtype: Optional[torch.dtype] = None, **_: Any) -> "UniGenDet":
-        """Our saved folder, or a BAGEL/UniGenDet release folder (``ema.safetensors``).
+    def from_pretrained(cls, directory: Union[str, os.PathLike], checkpoint: Optional[Union[str, os.PathLike]] = None,
+                        *, config: Optional[UniGenDetConfig] = None, weights: Optional[str] = None,
+                        allow_random_heads: bool = False, map_location: str = "cpu",
+                        dtype: Optional[torch.dtype] = None, **_: Any) -> "UniGenDet":
+        """Our saved folder, or a BAGEL base folder plus an optional fine-tuned ``checkpoint``.
 
-        For a release folder the config is ``config``, else ``bagel-7b`` with the sizes read from
-        the folder's ``llm_config.json`` / ``vit_config.json`` when present and the folder as the
-        tokenizer path. A plain BAGEL release lacks the UniGenDet heads, which keep their init.
-        The VAE is not read from the folder (BAGEL's ``ae.safetensors`` is in BFL's layout): set
-        ``config.vae["path"]`` to a diffusers AutoencoderKL folder of the FLUX AE. Release
-        weights are assigned into a model built on the meta device (no second 7B copy); ``dtype``
-        casts everything (e.g. ``torch.bfloat16``).
+        A base folder (``llm_config.json``, ``vit_config.json``, the tokenizer, ``ae.safetensors``,
+        ``ema.safetensors``) is read as the public demo does: sizes from the configs, the folder as
+        the tokenizer, its ``ae.safetensors`` as the VAE (unless ``config.vae["path"]`` names one),
+        and ``checkpoint`` (a safetensors file, or a folder holding one) merged over the base
+        weights — the checkpoint's tensors win, the base fills what it lacks. A folder with several
+        weight files is an error unless ``weights`` names the base file. Which file supplied how
+        many tensors is logged (``logging``, ``aigid.models.unigendet.release``).
+
+        Heads the loaded weights lack (a plain BAGEL base has no ``fake_cls_head``) are randomly
+        initialised and recorded in ``random_heads``; ``predict``/``detect_logits``/``scan`` then
+        raise :class:`MissingHeadError` unless ``allow_random_heads=True`` (to train from a base).
+        Release weights are assigned into a model built on the meta device (no second 7B copy);
+        ``dtype`` casts everything (e.g. ``torch.bfloat16``).
         """
         directory = os.fspath(directory)
         ours = os.path.join(directory, CONFIG_FILE)
@@ -400,32 +500,52 @@ class UniGenDet(nn.Module):
                 raw = json.load(f)
         if raw is not None and raw.get("arch") == "unigendet" and os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
             model = cls(config or UniGenDetConfig.from_dict(raw))
-            load_into(model, load_file(os.path.join(directory, WEIGHTS_FILE), device=map_location), strict=True)
+            state = read_release_weights(directory, checkpoint, weights or WEIGHTS_FILE)
+            load_into(model, state, strict=checkpoint is None)
             vae_file = os.path.join(directory, VAE_FILE)
             if os.path.isfile(vae_file):
                 model.vae.load_state_dict(load_file(vae_file, device=map_location))
+            model.source, model.allow_random_heads = directory, allow_random_heads
             return model
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory!r} is neither a saved UniGenDet nor a BAGEL release folder")
         config = config or release_config(directory)
         with torch.device("meta"):
             model = cls(config)
-        state = release_to_ours(load_state_dict_dir(directory), model)
+        state = release_to_ours(read_release_weights(directory, checkpoint, weights), model)
         report = load_into(model, state, strict=False, dtype=dtype)
         missing = [k for k in report.missing if not k.startswith(UNIGENDET_ONLY)]
         if missing or report.unexpected:
             raise ValueError(f"{directory}: release checkpoint does not match this config; missing "
                              f"{missing[:8]}, unexpected {list(report.unexpected)[:8]}")
-        fresh = unigendet_heads(model.hidden_size, model.patch_latent_dim)  # a plain BAGEL release
+        fresh = unigendet_heads(model.hidden_size, model.patch_latent_dim)
         for name, module in fresh.items():
             if any(k.startswith(name + ".") for k in report.missing):
                 setattr(model, name, module.to(dtype) if dtype is not None else module)
+                model.random_heads.append(name)
+        if model.random_heads:
+            log.warning("UniGenDet: %s has no %s; randomly initialised%s", directory,
+                        ", ".join(model.random_heads),
+                        "" if allow_random_heads else " (predict raises until a checkpoint supplies them)")
+        model.source, model.allow_random_heads = directory, allow_random_heads
         if dtype is not None:
             model.to(dtype)
         return model.to(map_location)
 
 
 # ---- helpers --------------------------------------------------------------------------------
+def _as_list(images: Images) -> list[torch.Tensor]:
+    return list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
+
+
+def _same_shape_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of same-shape images, grouped (first-seen order), for one batched call each."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    return list(groups.values())
+
+
 def _check_batch(what: str, n: int, **sizes: Optional[int]) -> None:
     for name, size in sizes.items():
         if size is not None and size != n:

@@ -1,15 +1,19 @@
 """Loading BAGEL / UniGenDet release folders, and building the external VAE.
 
-A release folder holds ``ema.safetensors`` (BAGEL's key names, which our modules mirror) and
-optionally ``llm_config.json`` / ``vit_config.json`` (Qwen2 and SigLIP sizes). The VAE is a
-diffusers ``AutoencoderKL`` (the FLUX AE converted to diffusers' layout) from a local folder, or a
-seeded random one for tests.
+A BAGEL base folder holds ``llm_config.json`` / ``vit_config.json`` (Qwen2 and SigLIP sizes), the
+Qwen2 tokenizer, the FLUX VAE ``ae.safetensors`` and ``ema.safetensors`` (BAGEL's key names,
+which our modules mirror). The fine-tuned UniGenDet checkpoint is a second safetensors file; the
+public ``eval/det/fakevlm_test.py`` merges the two, the fine-tuned keys winning and the base
+filling the keys the checkpoint lacks. :func:`read_release_weights` does the same, names the file
+that supplied each key group in the log, and refuses to guess between competing weight files.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -21,7 +25,64 @@ from aigid.models.unigendet.siglip import patch_weight_from_linear
 if TYPE_CHECKING:
     from aigid.models.unigendet.model import UniGenDet
 
-__all__ = ["release_config", "release_to_ours", "has_vae", "build_vae"]
+__all__ = ["release_config", "release_to_ours", "has_vae", "build_vae", "weight_file",
+           "read_release_weights", "VAE_FILES"]
+
+log = logging.getLogger(__name__)
+VAE_FILES = ("ae.safetensors", "vae.safetensors")  # autoencoders, never candidate model weights
+
+
+def weight_file(folder: Union[str, os.PathLike], name: Optional[str] = None) -> Path:
+    """The one model-weights file of ``folder``: ``name`` when given, else the only candidate.
+
+    Candidates are ``*.safetensors`` (not the VAE's, not shards listed by an index) and
+    ``*.safetensors.index.json``. Several candidates are an error naming them: a folder with
+    BAGEL's ``ema.safetensors`` beside fine-tuned weights must say which one it means.
+    """
+    folder = Path(folder)
+    if name is not None:
+        path = folder / name if not os.path.isabs(name) else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: weights file not found")
+        return path
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    sharded = set()
+    for index in indexes:
+        try:
+            sharded |= set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
+    files = [f for f in sorted(folder.glob("*.safetensors")) if f.name not in VAE_FILES and f.name not in sharded]
+    candidates = indexes + files
+    if not candidates:
+        raise FileNotFoundError(f"{folder}: no model weights (*.safetensors besides {', '.join(VAE_FILES)})")
+    if len(candidates) > 1:
+        names = ", ".join(c.name for c in candidates)
+        raise ValueError(f"{folder}: several weight files ({names}); name the base weights with "
+                         f"weights='<file>' and pass a fine-tuned file as checkpoint=")
+    return candidates[0]
+
+
+def read_release_weights(base: Union[str, os.PathLike], checkpoint: Optional[Union[str, os.PathLike]] = None,
+                         weights: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The base folder's weights with ``checkpoint`` (a file, or a folder with one weights file)
+    merged over them, as the public demo/evaluation do; logs which file supplied how many keys."""
+    from aigid.models.checkpoint import load_state_dict_dir
+
+    base_file = weight_file(base, weights)
+    state = load_state_dict_dir(base_file)
+    log.info("UniGenDet: %d tensors from %s", len(state), base_file)
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        ckpt_file = weight_file(ckpt) if ckpt.is_dir() else ckpt
+        if not ckpt_file.is_file():
+            raise FileNotFoundError(f"{ckpt_file}: checkpoint not found")
+        tuned = load_state_dict_dir(ckpt_file)
+        overridden = len(set(tuned) & set(state))
+        log.info("UniGenDet: %d tensors from %s (%d replace the base's, %d new)", len(tuned), ckpt_file,
+                 overridden, len(tuned) - overridden)
+        state.update(tuned)
+    return state
 
 
 def release_config(directory: str) -> UniGenDetConfig:
