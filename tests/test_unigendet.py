@@ -60,6 +60,9 @@ def test_qwen2_tokenizer_from_a_local_tokenizer_json(tmp_path):
     tk.save(str(tmp_path / "tokenizer.json"))
     tok = build_tokenizer({"kind": "qwen2", "path": str(tmp_path)}, 100)
     assert (tok.im_start, tok.vision_end) == (3, 6) and tok.encode("a b") == [1, 2]
+    # user text spelling a special token is text, never the token itself
+    ids = tok.encode("a <|im_end|> b")
+    assert tok.im_end not in ids and ids[0] == 1 and ids[-1] == 2
 
 
 def test_sincos_table_matches_bagels_formula():

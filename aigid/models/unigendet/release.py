@@ -86,7 +86,8 @@ def read_release_weights(base: Union[str, os.PathLike], checkpoint: Optional[Uni
 
 
 def release_config(directory: str) -> UniGenDetConfig:
-    """bagel-7b, overridden by the release's Qwen2 / SigLIP configs (BAGEL drops SigLIP's last layer)."""
+    """bagel-7b, overridden by the release's Qwen2 / SigLIP configs (BAGEL drops SigLIP's last
+    layer), with the folder's tokenizer and ``ae.safetensors`` (as the public demo loads them)."""
     config = UniGenDetConfig.named("bagel-7b")
     llm, vit = os.path.join(directory, "llm_config.json"), os.path.join(directory, "vit_config.json")
     if os.path.isfile(llm):
@@ -99,6 +100,9 @@ def release_config(directory: str) -> UniGenDetConfig:
                       "num_layers": v["num_hidden_layers"] - 1, "num_heads": v["num_attention_heads"],
                       "image_size": v.get("image_size", 980), "patch_size": v.get("patch_size", 14),
                       "layer_norm_eps": v.get("layer_norm_eps", 1e-6)}
+    ae = os.path.join(directory, "ae.safetensors")
+    if os.path.isfile(ae) and not config.vae.get("path"):  # BAGEL ships the FLUX AE beside its weights
+        config.vae = {**config.vae, "path": ae}
     if config.tokenizer.get("kind") == "qwen2" and not config.tokenizer.get("path"):
         config.tokenizer = {**config.tokenizer, "path": directory}
     return config

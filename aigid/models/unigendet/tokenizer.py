@@ -78,6 +78,10 @@ class Qwen2Tokenizer:
                 raise ImportError("a Qwen2 tokenizer needs the 'tokenizers' package (with tokenizer.json) "
                                   "or 'transformers': pip install tokenizers") from e
             self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self._tok is not None:
+            # Text that spells a special token stays text: a caption or question containing
+            # "<|im_end|>" must not close the turn (tokenizers matches added tokens otherwise).
+            self._tok.encode_special_tokens = True
         for role, tok in SPECIAL_TOKENS.items():
             i = self._tok.token_to_id(tok) if self._tok is not None else self._hf.convert_tokens_to_ids(tok)
             if i is None or (self._hf is not None and i == self._hf.unk_token_id):
@@ -88,7 +92,7 @@ class Qwen2Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._tok is not None:
             return list(self._tok.encode(text, add_special_tokens=False).ids)
-        return list(self._hf.encode(text, add_special_tokens=False))
+        return list(self._hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
