@@ -1,7 +1,15 @@
 """Training loop for MiraGe: SGD on the prompts only, bf16 autocast on CUDA, fp32 on CPU.
 
-Optimiser defaults follow MaPLe, the prompt-learning code MiraGe builds on (SGD, lr 0.0035,
-momentum 0.9, weight decay 5e-4, cosine schedule); MiraGe's own paper does not list them.
+Optimiser defaults follow MaPLe, the prompt-learning code MiraGe builds on (upstream
+``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml``: SGD, lr 0.0035, momentum 0.9, weight
+decay 5e-4, 5 epochs, cosine schedule); MiraGe's own paper does not list them.
+
+The learning rate is set per optimiser step: ``warmup_epochs`` epochs at the constant
+``warmup_lr`` (MaPLe: 1 epoch at 1e-5, Dassl's ConstantWarmupScheduler; our default: none), then
+a cosine from ``lr`` down to 0 over the remaining steps. Dassl steps its schedule once per epoch
+and, recounting after warmup, keeps the cosine's period at all MAX_EPOCH epochs, so MaPLe's run
+ends at ~0.35·lr; we decay per step to 0 over the steps after warmup (our assumption), which
+without warmup is exactly the schedule this loop always had.
 """
 from __future__ import annotations
 
@@ -33,12 +41,14 @@ class TrainConfig:
     model: str = "vit-l-14"                 # shipped config name, a JSON config file, or a detector dir
     overrides: dict[str, Any] = field(default_factory=dict)  # MiraGeConfig fields (alpha, bank_size...)
     cache_dir: Optional[str] = None         # open_clip weights cache
-    epochs: int = 5
+    epochs: int = 5                         # MaPLe MAX_EPOCH
     max_steps: Optional[int] = None         # stop early after this many optimiser steps
-    batch_size: int = 32
-    lr: float = 0.0035
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    batch_size: int = 32                    # ours (MaPLe: 4)
+    lr: float = 0.0035                      # MaPLe
+    momentum: float = 0.9                   # MaPLe (Dassl's SGD default)
+    weight_decay: float = 5e-4              # MaPLe (Dassl's default)
+    warmup_epochs: int = 0                  # ours: no warmup (MaPLe: 1)
+    warmup_lr: float = 1e-5                 # constant lr during warmup (MaPLe WARMUP_CONS_LR)
     num_workers: int = 0
     device: str = "auto"
     seed: int = 0
@@ -49,6 +59,15 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def scheduled_lr(step: int, total: int, warmup_steps: int, lr: float, warmup_lr: float) -> float:
+    """The lr of optimiser step ``step`` (0-based) of ``total``: constant ``warmup_lr`` for the
+    first ``warmup_steps``, then a cosine from ``lr`` to 0 over the steps left."""
+    if step < warmup_steps:
+        return warmup_lr
+    span = max(total - warmup_steps, 1)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
 def build_model(cfg: TrainConfig) -> MiraGe:
@@ -63,12 +82,16 @@ def build_model(cfg: TrainConfig) -> MiraGe:
         if not hasattr(mcfg, key):
             raise ValueError(f"unknown MiraGe config field {key!r}")
         setattr(mcfg, key, value)
+        if key in mcfg.sources:  # the shipped note described the default, not this value
+            mcfg.sources[key] = "user override"
     return MiraGe(mcfg, cache_dir=cfg.cache_dir, seed=cfg.seed)
 
 
 def train(config: Union[TrainConfig, dict[str, Any]]) -> dict[str, Any]:
     """Train a detector; returns a summary (and writes it, the detector and metrics to ``out``)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
+    if cfg.warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be ≥ 0, got {cfg.warmup_epochs}")
     _seed_everything(cfg.seed)
     device = device_of(cfg.device)
     split = "train" if has_split(cfg.data, "train") else None
@@ -88,8 +111,9 @@ def train(config: Union[TrainConfig, dict[str, Any]]) -> dict[str, Any]:
                         collate_fn=collate_skipping_errors, drop_last=len(items) > cfg.batch_size,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         pin_memory=device.type == "cuda")
-    total = cfg.epochs * len(loader) if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    total = cfg.epochs * len(loader)
+    total = total if cfg.max_steps is None else min(cfg.max_steps, total)
+    warmup_steps = cfg.warmup_epochs * len(loader)
 
     os.makedirs(cfg.out, exist_ok=True)
     log = open(os.path.join(cfg.out, "train_log.jsonl"), "w")
@@ -106,14 +130,16 @@ def train(config: Union[TrainConfig, dict[str, Any]]) -> dict[str, Any]:
             y = batch["labels"].to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model.training_loss(pixels, y)
+            lr = scheduled_lr(step, total, warmup_steps, cfg.lr, cfg.warmup_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
-            sched.step()
             step += 1
             acc = (out["logits"].argmax(-1) == y).float().mean().item()
             rec = {"step": step, "loss": out["loss"].item(), "ce": out["ce"].item(),
-                   "dis": out["dis"].item(), "acc": acc, "lr": sched.get_last_lr()[0]}
+                   "dis": out["dis"].item(), "acc": acc, "lr": lr}  # the lr this step used
             log.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{acc:.2f}")
             bar.update(1)

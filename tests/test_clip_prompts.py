@@ -51,7 +51,10 @@ def test_vision_prompts_replace_not_accumulate(tiny_config):
     vision_prompts = m.prompts.vision().detach()
     n_tokens = 1 + 16 + 2  # cls + 4x4 patches + B prompts, the same at every layer
     assert [x.shape[1] for x in seen] == [n_tokens] * 4
-    for i in range(3):  # block i sees exactly F_i(θ_i) in the prompt slots
+    with torch.no_grad():  # layer 0: v_0 went in before ln_pre, as in MaPLe
+        first = m.clip.visual.ln_pre(vision_prompts[0])
+    torch.testing.assert_close(seen[0][:, -2:], first.expand(2, -1, -1))
+    for i in (1, 2):  # deeper blocks see exactly F_i(θ_i) in the prompt slots
         torch.testing.assert_close(seen[i][:, -2:], vision_prompts[i].expand(2, -1, -1))
     assert not torch.allclose(seen[3][:, -2:], vision_prompts[2].expand(2, -1, -1))  # layer 4: no new prompt
 

@@ -2,6 +2,12 @@
 
 Users never resize by hand: ``predict`` applies the same transform that training used for eval
 (resize the shortest side + centre crop, or squash), then normalises with the model's mean/std.
+``resize_mode="none"`` is crop-only, as UnivFD evaluates (upstream UniversalFakeDetect
+``validate.py``: CenterCrop(224), no resize): pixels keep their scale, so no resampling blurs
+the generator's high-frequency traces. An image smaller than the crop is zero-padded: what
+torchvision's CenterCrop (UnivFD's) does; training uses RandomCrop(pad_if_needed) likewise.
+UnivFD's training resized to 256 before its random crop; with ``none`` we crop in training too,
+so both see one pixel scale (our assumption).
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ def _resize(pp: dict[str, Any]) -> list:
         return [T.Resize(size, interpolation=interp, antialias=True)]
     if mode == "squash":
         return [T.Resize((size, size), interpolation=interp, antialias=True)]
-    raise ValueError(f"unsupported resize_mode {mode!r} (shortest, squash or bagel)")
+    if mode == "none":  # crop-only (UnivFD): the crop that follows gives the size
+        return []
+    raise ValueError(f"unsupported resize_mode {mode!r} (shortest, squash, none or bagel)")
 
 
 def _tensor_and_normalise(pp: dict[str, Any]) -> list:
@@ -44,7 +52,8 @@ def is_variable_size(pp: dict[str, Any]) -> bool:
 
 
 def eval_transform(pp: dict[str, Any]) -> Transform:
-    """Deterministic: resize, centre crop to ``size``² (except ``bagel``: no crop), to float, normalise."""
+    """Deterministic: resize (``none``: no resize), centre crop to ``size``² (zero-padding smaller
+    images; ``bagel``: no crop), to float, normalise."""
     crop = [] if is_variable_size(pp) else [T.CenterCrop(int(pp["size"]))]
     return T.Compose(_resize(pp) + crop + _tensor_and_normalise(pp))
 

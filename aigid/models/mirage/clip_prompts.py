@@ -1,16 +1,21 @@
 """MaPLe-style deep multimodal prompts on open_clip's text and vision transformers.
 
-Following MaPLe (Khattak et al., CVPR 2023), as MiraGe does:
+Following MaPLe (Khattak et al., CVPR 2023; upstream ``clip/model.py`` VisionTransformer_MaPLe and
+ResidualAttentionBlock_MaPLe, ``trainers/maple.py`` MultiModalPromptLearner), as MiraGe does:
 - B learnable text tokens θ_i per layer for the first L layers (MiraGe: B=2, L=9). At layer 0
-  they replace the token embeddings of a placeholder ("X X Real.") before the positional
-  embedding is added; at layers 1..L-1 they replace the previous layer's prompt outputs
-  (positions 1..B, right after SOS) — prompts are replaced, never accumulated.
+  they replace the token embeddings of positions 1..B (right after SOS) of the class prompt
+  ("X X Real." with random init; "a photo of a Real." when initialised from words, the first B
+  positions "a photo" learned) before the positional embedding is added; at layers 1..L-1 they
+  replace the previous layer's prompt outputs at those positions — replaced, never accumulated.
 - Vision prompts are coupled: v_i = F_i(θ_i) with a linear F_i (text width → vision width), one
-  per layer. They are appended after the patch tokens (after ``ln_pre``) and, like the text
-  prompts, replaced at each of the first L layers; they are dropped before pooling.
+  per layer. v_0 is appended after the patch tokens once the positional embedding is added and
+  *before* ``ln_pre``, so ln_pre normalises it as MaPLe does; v_1..v_{L-1} replace the prompt
+  slots (the last B tokens) raw, before blocks 1..L-1. Prompts are dropped before pooling.
 The CLIP backbone is frozen; only θ and the F_i train.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -59,9 +64,15 @@ def _run_blocks(transformer, x, prompts, place, attn_mask=None):
 
 
 class PromptedTextEncoder(nn.Module):
-    """Encodes fixed class prompts ("X … X <name>.") through the prompted CLIP text tower."""
+    """Encodes fixed class prompts "<context> <name>." through the prompted CLIP text tower.
 
-    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], n_tokens: int):
+    ``context`` is None for random init ("X … X", B placeholders, as MaPLe without ctx_init) or
+    words whose first B tokens θ_0 starts from (MaPLe's ctx_init, e.g. "a photo of a"); either way
+    positions 1..B of every class prompt are the layer-0 prompt slots.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], n_tokens: int,
+                 context: Optional[str] = None):
         super().__init__()
         text = getattr(clip, "text", clip)  # CustomTextCLIP keeps the tower in .text
         if getattr(text, "cls_emb", None) is not None:
@@ -69,9 +80,27 @@ class PromptedTextEncoder(nn.Module):
         self.clip = [clip]  # a list hides the frozen backbone from this module's parameters
         self.text = [text]
         self.n_tokens = n_tokens
-        placeholder = " ".join(["X"] * n_tokens)
-        ids = tokenizer([f"{placeholder} {name}." for name in class_names])
+        if context is None:
+            context = " ".join(["X"] * n_tokens)
+        else:
+            # MaPLe (trainers/maple.py) tokenises ctx_init alone and keeps tokens 1..B; the BPE
+            # splits on words, so these are also the first B tokens of every class prompt.
+            words = tokenizer([context])[0]
+            n_words = int((words != 0).sum()) - 2  # CLIP's tokenizer pads with 0; minus SOS, EOS
+            if n_words < n_tokens:
+                raise ValueError(f"prompt_init {context!r} has {n_words} tokens; it needs at least "
+                                 f"prompt_tokens={n_tokens} to initialise them")
+            self.register_buffer("context_ids", words[1: 1 + n_tokens], persistent=False)
+        self.context = context
+        ids = tokenizer([f"{context} {name}." for name in class_names])
         self.register_buffer("token_ids", ids, persistent=False)
+
+    @torch.no_grad()
+    def context_embeddings(self) -> torch.Tensor:
+        """(B, W_text): the token embeddings of the context's first B tokens (init for θ_0)."""
+        if not hasattr(self, "context_ids"):
+            raise ValueError("random prompt init has no context words")
+        return self.text[0].token_embedding(self.context_ids).detach().clone()
 
     def forward(self, prompts: torch.Tensor) -> torch.Tensor:
         """prompts: (L, B, W_text) → class embeddings (C, E), not normalised."""
@@ -113,8 +142,14 @@ class PromptedVisionEncoder(nn.Module):
         """images: (N, 3, H, W); prompts: (L, B, W_vision) → image embeddings (N, E)."""
         visual = self.visual[0]
         b = prompts.shape[1]
+        # open_clip's _embeds = conv1 → [cls; patches] + positional → patch_dropout → ln_pre.
+        # MaPLe appends v_0 before ln_pre. ln_pre normalises each token on its own (LayerNorm over
+        # the width), so ln_pre([x; v_0]) == [ln_pre(x); ln_pre(v_0)]: we keep open_clip's own
+        # _embeds (patch dropout included, which must never drop a prompt) and pass v_0 through
+        # the same ln_pre, instead of re-implementing the patch embedding.
         x = visual._embeds(images)
-        x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        first = visual.ln_pre(prompts[0].to(x.dtype))
+        x = torch.cat([x, first.expand(x.shape[0], -1, -1)], dim=1)
 
         def place(h, p):
             return torch.cat([h[:, :-b], p.to(h.dtype).expand(h.shape[0], -1, -1)], dim=1)

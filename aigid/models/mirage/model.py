@@ -2,7 +2,8 @@
 
 Re-implementation (no official code exists). The image embedding h comes from the prompted
 vision tower, the anchors e_Real/e_Fake from the prompted text tower on the class prompts
-"X X Real." / "X X Fake.". Logits are logit_scale·cos(h, e_c) (CLIP's frozen scale) and
+"X X Real." / "X X Fake." (or "a photo of a Real." with ``prompt_init="a photo of a"``).
+Logits are logit_scale·cos(h, e_c) (CLIP's frozen scale) and
 
     L = L_ce + α·L_dis,
 
@@ -35,14 +36,24 @@ CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FILE = "config.json", "model.safetensors", "
 
 @dataclass
 class MiraGeConfig:
+    """Where each value comes from is kept in ``sources`` of the shipped JSON configs (paper =
+    MiraGe, arXiv 2508.01525; MaPLe = upstream multimodal-prompt-learning; ours = our assumption).
+    Fields added later have defaults, so older config.json files still load."""
+
     backbone: dict[str, Any]
-    class_names: list[str] = field(default_factory=lambda: ["Real", "Fake"])
-    prompt_tokens: int = 2     # B
-    prompt_depth: int = 9      # L
-    alpha: float = 0.3         # weight of L_dis (paper: 0.1–0.6)
-    temperature: float = 0.07  # τ of L_dis (SupContrast's default)
-    bank_size: int = 64        # M
-    preprocess: Optional[dict[str, Any]] = None  # filled from the backbone when None
+    class_names: list[str] = field(default_factory=lambda: ["Real", "Fake"])  # paper
+    prompt_tokens: int = 2     # B (paper)
+    prompt_depth: int = 9      # L (paper)
+    alpha: float = 0.3         # weight of L_dis (paper: 0.1–0.6 per dataset; 0.3 ours)
+    temperature: float = 0.07  # τ of L_dis (SupContrast's default; ours)
+    bank_size: int = 64        # M (paper)
+    # θ_0 init: "random" (N(0, 0.02²), MaPLe without ctx_init; our default) or words whose first
+    # B token embeddings start θ_0 (MaPLe's ctx_init "a photo of a"). Deeper θ_i stay random.
+    prompt_init: str = "random"
+    # Partial dicts are merged over the backbone's preprocessing (e.g. {"resize_mode": "none"}
+    # for UnivFD-style crop-only); None keeps the backbone's (resize shortest side + crop).
+    preprocess: Optional[dict[str, Any]] = None
+    sources: dict[str, str] = field(default_factory=dict)  # provenance notes, not used by the model
     arch: str = "mirage"
 
     @classmethod
@@ -60,8 +71,9 @@ class MiraGe(nn.Module):
     def __init__(self, config: MiraGeConfig, cache_dir: Optional[str] = None, seed: int = 0):
         super().__init__()
         backbone = build_backbone(config.backbone, cache_dir=cache_dir)
-        if config.preprocess is None:
-            config.preprocess = backbone.preprocess
+        config.preprocess = {**backbone.preprocess, **(config.preprocess or {})}
+        if not config.prompt_init:
+            raise ValueError('prompt_init must be "random" or the words to start θ_0 from')
         self.config = config
         self.backbone_has_weights = backbone.has_weights
         self.clip = backbone.clip.eval().requires_grad_(False)
@@ -71,8 +83,12 @@ class MiraGe(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.prompts = DeepPrompts(config.prompt_tokens, config.prompt_depth, text_width, vision_width)
+        context = None if config.prompt_init == "random" else config.prompt_init
         self.text_encoder = PromptedTextEncoder(self.clip, backbone.tokenizer, config.class_names,
-                                                config.prompt_tokens)
+                                                config.prompt_tokens, context=context)
+        if context is not None:  # MaPLe: θ_0 from the words; deeper θ_i and every F_i random
+            with torch.no_grad():
+                self.prompts.text[0].copy_(self.text_encoder.context_embeddings())
         self.vision_encoder = PromptedVisionEncoder(self.clip)
         embed_dim = self.clip.text_projection.shape[1] if isinstance(self.clip.text_projection, torch.Tensor) \
             else self.clip.visual.output_dim
