@@ -25,6 +25,10 @@ Module and key names mirror BAGEL's ``language_model`` so released checkpoints
 * ``lm_head.weight``                                          (vocab, H), untied
 
 The rotary embedding (``model.rotary``) has no persistent state, like BAGEL's.
+
+Cached decoding: ``MoTModel.forward(..., kv_cache=KVCache())`` stores every layer's post-RoPE
+keys/values of the pack (the prefill); ``MoTModel.decode_step`` then runs one new text token per
+sample through the understanding expert, reading only that sample's cache.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +48,8 @@ from aigid import ops
 from aigid.models.unigendet.rope import RMSNorm, RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout
 
-__all__ = ["MoTConfig", "MoTAttention", "MoTMLP", "MoTLayer", "MoTModel", "MoTOutput", "MoTForCausalLM"]
+__all__ = ["MoTConfig", "MoTAttention", "MoTMLP", "MoTLayer", "MoTModel", "MoTOutput", "MoTForCausalLM",
+           "KVCache"]
 
 EXPERTS = ("", "_moe_gen")  # key suffix of the understanding and the generation expert
 
@@ -149,6 +154,114 @@ def _per_expert(module: nn.Module, name: str, und, gen):
 
 
 # ---------------------------------------------------------------------------------------------
+# KV cache for decoding
+# ---------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer keys/values of a packed prefill, padded per sample, grown by decoding steps.
+
+    Buffers are (N, H_kv, capacity, d) per layer (samples isolated, each in its own row; row b
+    holds sample b's tokens from offset 0, ``lengths[b]`` of them valid). ``reserve`` is the room
+    kept after the longest sample at prefill (e.g. ``max_new_tokens``); a step that needs more
+    grows every buffer once by at least that much.
+
+    A decoded token of sample b reads every cached token of b. That is the packed attention's rule
+    only when b has no hidden split (a hidden split is invisible to later splits), so a prefill
+    with one is refused.
+    """
+
+    def __init__(self, reserve: int = 0):
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"reserve must be a non-negative int, got {reserve!r}")
+        self.reserve = reserve
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []               # valid tokens per sample (host)
+        self._lengths_dev: Optional[torch.Tensor] = None
+        self._slot: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]] = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    # ---- prefill: called by MoTModel.forward, layer by layer -----------------------------------
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout) -> None:
+        """Scatter the pack's post-RoPE k/v (T, H_kv, d) of ``layer`` into per-sample rows."""
+        if layer != len(self.keys):
+            raise RuntimeError(f"KVCache: expected layer {len(self.keys)}, got {layer} (a cache holds "
+                               f"one prefill; use a fresh KVCache per pack)")
+        if layer == 0:
+            hidden = [b for b, sm in enumerate(layout.samples) if any(sp.hidden for sp in sm)]
+            if hidden:
+                raise ValueError(f"KVCache: samples {hidden} have hidden splits; a decoded token "
+                                 f"would read them, which the packed attention forbids")
+            self.lengths = layout.sample_lengths
+            self._lengths_dev = torch.tensor(self.lengths, dtype=torch.long, device=k.device)
+        rows, cols = layout.cached(("kv_slots", k.device), lambda: _kv_slots(layout, k.device))
+        n, cap = len(self.lengths), max(self.lengths) + self.reserve
+        kb = k.new_zeros(n, k.shape[1], cap, k.shape[2])
+        vb = v.new_zeros(n, v.shape[1], cap, v.shape[2])
+        kb.transpose(1, 2)[rows, cols] = k   # views: writes land in the (N, H_kv, L, d) buffers
+        vb.transpose(1, 2)[rows, cols] = v
+        self.keys.append(kb)
+        self.values.append(vb)
+
+    # ---- decoding: one token per sample, shared by all layers of a step ------------------------
+    def begin_step(self) -> None:
+        """Make room for one more token per sample and fix this step's write slot and mask."""
+        if not self.keys:
+            raise RuntimeError("KVCache is empty: run the prefill (forward with kv_cache=) first")
+        need = max(self.lengths) + 1
+        cap = self.keys[0].shape[2]
+        if need > cap:
+            grow = max(need - cap, self.reserve, 16)
+            pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], 2)  # noqa: E731
+            self.keys = [pad(x) for x in self.keys]
+            self.values = [pad(x) for x in self.values]
+        dev = self.keys[0].device
+        rows = torch.arange(len(self.lengths), device=dev)
+        # Keys past a shorter sample's end are padding; with equal lengths there are none.
+        mask = None
+        if min(self.lengths) != max(self.lengths):
+            mask = (torch.arange(need, device=dev)[None, :] <= self._lengths_dev[:, None])[:, None, None, :]
+        self._slot = (rows, self._lengths_dev, mask, need)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+               ) -> torch.Tensor:
+        """Append k/v (N, H_kv, d) at each sample's end, then q (N, H_q, d) over its own sample."""
+        if self._slot is None:
+            raise RuntimeError("KVCache.attend outside a step (call begin_step first)")
+        rows, pos, mask, length = self._slot
+        kb, vb = self.keys[layer], self.values[layer]
+        kb[rows, :, pos] = k.to(kb.dtype)
+        vb[rows, :, pos] = v.to(vb.dtype)
+        n, h_q, d = q.shape
+        h_kv = kb.shape[1]
+        # GQA without expanding K/V: the h_q/h_kv query heads of one K/V head become that head's
+        # "query rows" (one token each), which every SDPA backend takes, with or without a mask.
+        qg = q.to(kb.dtype).reshape(n, h_kv, h_q // h_kv, d)
+        o = F.scaled_dot_product_attention(qg, kb[:, :, :length], vb[:, :, :length],
+                                           attn_mask=mask, scale=scale)
+        return o.reshape(n, h_q, d)
+
+    def end_step(self) -> None:
+        self.lengths = [n + 1 for n in self.lengths]
+        self._lengths_dev = self._lengths_dev + 1
+        self._slot = None
+
+
+def _kv_slots(layout: PackedLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, offset in sample) of every pack token."""
+    cu = layout.cu_seqlens.to(device=device, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(layout.num_samples, device=device), cu.diff())
+    return rows, torch.arange(layout.total, device=device) - cu[rows]
+
+
+# ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
 
@@ -193,23 +306,36 @@ class MoTAttention(nn.Module):
         return q, k, v
 
     def forward(self, h_und: Optional[torch.Tensor], h_gen: Optional[torch.Tensor], layout: PackedLayout,
-                rope: tuple[torch.Tensor, torch.Tensor], attention_backend=None
+                rope: tuple[torch.Tensor, torch.Tensor], attention_backend=None,
+                kv_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Normed per-expert inputs in, per-expert attention outputs (after o_proj) out.
 
         ``attention_backend``: a backend name for :func:`aigid.ops.packed_attention`, or a callable
         ``(q (T, H_q, d), k, v (T, H_kv, d), layout) -> (T, H_q, d)`` with the same contract.
+        ``kv_sink``: called with the post-RoPE (k, v) of the pack (a KV cache's prefill).
         """
         und, gen = self._qkv(h_und, ""), self._qkv(h_gen, "_moe_gen")
         q, k, v = (_merge(a, b, layout) for a, b in zip(und, gen))
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_sink is not None:
+            kv_sink(k, v)
         if callable(attention_backend):  # a custom kernel, e.g. flex_attention in the benchmark
             o = attention_backend(q, k, v, layout)
         else:
             o = ops.packed_attention(q, k, v, layout, backend=attention_backend)
         o = o.flatten(1)
         return _per_expert(self, "o_proj", *_route(o, layout))
+
+    def decode(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: "KVCache",
+               layer: int) -> torch.Tensor:
+        """One new text token per sample (understanding expert): normed (N, H) in, o_proj out."""
+        q, k, v = self._qkv(h, "")
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = cache.attend(layer, q, k, v, self.head_dim ** -0.5)
+        return self.o_proj(o.flatten(1))
 
 
 class MoTLayer(nn.Module):
@@ -225,11 +351,11 @@ class MoTLayer(nn.Module):
             setattr(self, f"post_attention_layernorm{sfx}", RMSNorm(c.hidden_size, c.rms_eps))
 
     def forward(self, x: torch.Tensor, layout: PackedLayout, rope: tuple[torch.Tensor, torch.Tensor],
-                attention_backend=None) -> torch.Tensor:
+                attention_backend=None, kv_sink=None) -> torch.Tensor:
         """x: (T, H) packed hidden states; rope: (cos, sin) each (T, head_dim). Returns (T, H)."""
         x_und, x_gen = _route(x, layout)
         h = _per_expert(self, "input_layernorm", x_und, x_gen)
-        a_und, a_gen = self.self_attn(*h, layout, rope, attention_backend)
+        a_und, a_gen = self.self_attn(*h, layout, rope, attention_backend, kv_sink)
         x_und = None if x_und is None else x_und + a_und
         x_gen = None if x_gen is None else x_gen + a_gen
         h = _per_expert(self, "post_attention_layernorm", x_und, x_gen)
@@ -237,6 +363,12 @@ class MoTLayer(nn.Module):
         x_und = None if x_und is None else x_und + m_und
         x_gen = None if x_gen is None else x_gen + m_gen
         return _merge(x_und, x_gen, layout)
+
+    def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: "KVCache",
+               layer: int) -> torch.Tensor:
+        """(N, H) new text tokens through the understanding expert of this layer."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), rope, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def _init_weights(module: nn.Module, std: float) -> None:
@@ -263,12 +395,15 @@ class MoTModel(nn.Module):
         self.apply(functools.partial(_init_weights, std=config.initializer_range))
 
     def forward(self, inputs_embeds: torch.Tensor, layout: PackedLayout, *,
-                return_layers: Sequence[int] = (), attention_backend=None) -> MoTOutput:
+                return_layers: Sequence[int] = (), attention_backend=None,
+                kv_cache: Optional[KVCache] = None) -> MoTOutput:
         """inputs_embeds: (T, H) in pack order (text embeddings, connector outputs, VAE tokens).
 
         ``return_layers``: 0-based layer indices whose raw outputs (before any final norm) are
         returned in ``layer_outputs``. With ``gradient_checkpointing`` set and grad enabled, each
         layer is recomputed in backward (``torch.utils.checkpoint``, non-reentrant).
+        ``kv_cache``: a fresh :class:`KVCache` that receives every layer's post-RoPE keys/values
+        (outputs unchanged; continue with :meth:`decode_step`).
         """
         if not isinstance(layout, PackedLayout):
             raise TypeError(f"layout must be a PackedLayout, got {type(layout).__name__}")
@@ -289,7 +424,10 @@ class MoTModel(nn.Module):
         x = inputs_embeds
         outputs: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if kv_cache is not None:  # a prefill for decoding: no checkpointing
+                x = layer(x, layout, rope, attention_backend=attention_backend,
+                          kv_sink=functools.partial(kv_cache.store, i, layout=layout))
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, layout, rope, attention_backend=attention_backend,
                                use_reentrant=False)
             else:
@@ -298,6 +436,38 @@ class MoTModel(nn.Module):
                 outputs[i] = x
         final = _merge(*_per_expert(self, "norm", *_route(x, layout)), layout)
         return MoTOutput(final, outputs)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """One new text token per sample of the cached pack, through every layer.
+
+        inputs_embeds: (N, H) token embeddings, one per sample in pack order (answer text: the
+        understanding expert); position_ids: (N,) their RoPE ids (a sample's next id). Each token
+        attends to its own sample's cache plus itself, and its k/v are appended. Returns the
+        final-normed hidden states (N, H).
+        """
+        n, hidden = kv_cache.num_samples, self.config.hidden_size
+        if kv_cache.num_layers == 0:
+            raise RuntimeError("kv_cache is empty: run the prefill (forward with kv_cache=) first")
+        if kv_cache.num_layers != len(self.layers):
+            raise ValueError(f"kv_cache holds {kv_cache.num_layers} layers, the model has "
+                             f"{len(self.layers)} (run forward with kv_cache= first)")
+        if inputs_embeds.shape != (n, hidden):
+            raise ValueError(f"inputs_embeds must be (N={n}, H={hidden}), got {tuple(inputs_embeds.shape)}")
+        if position_ids.shape != (n,) or position_ids.is_floating_point():
+            raise ValueError(f"position_ids must be ({n},) integers, got {tuple(position_ids.shape)} "
+                             f"{position_ids.dtype}")
+        position_ids = position_ids.to(inputs_embeds.device)
+        if int(position_ids.max()) >= self.config.max_position:
+            raise ValueError(f"position id {int(position_ids.max())} exceeds max_position "
+                             f"{self.config.max_position}")
+        rope = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        kv_cache.begin_step()
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, rope, kv_cache, i)
+        kv_cache.end_step()
+        return self.norm(x)
 
 
 class MoTForCausalLM(nn.Module):
