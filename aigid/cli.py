@@ -23,6 +23,10 @@ def _overrides(args) -> dict:
         out["backbone"] = {"model": args.backbone or "ViT-L-14", "pretrained": args.pretrained}
     elif args.backbone is not None:
         raise SystemExit("--backbone needs --pretrained (an open_clip tag or a checkpoint file)")
+    if args.prompt_init is not None:
+        out["prompt_init"] = args.prompt_init
+    if args.resize_mode is not None:
+        out["preprocess"] = {"resize_mode": args.resize_mode}
     return out
 
 
@@ -33,6 +37,7 @@ def _cmd_train(args) -> int:
                       overrides=_overrides(args), cache_dir=args.cache_dir, epochs=args.epochs,
                       max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                       num_workers=args.workers, device=args.device, seed=args.seed,
+                      warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                       progress=not args.quiet)
     summary = train(cfg)
     print(f"saved detector to {args.out} ({summary['steps']} steps, {summary['seconds']} s)")
@@ -57,7 +62,11 @@ def _cmd_eval(args) -> int:
     from aigid.evaluate import device_of, evaluate
     from aigid.models.registry import load_detector
 
-    detector = load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)))
+    try:
+        detector = load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)),
+                                 checkpoint=args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"aigid eval: {err}") from None
     _set_verdict(detector, args.verdict, "eval")
     try:
         result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
@@ -91,8 +100,8 @@ def _cmd_scan(args) -> int:
         raise SystemExit(f"aigid scan: no such path: {', '.join(missing)}")
     try:
         detector = load_detector(args.detector, cache_dir=args.cache_dir,
-                                 device=str(device_of(args.device)))
-    except FileNotFoundError as err:
+                                 device=str(device_of(args.device)), checkpoint=args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"aigid scan: {err}") from None
     _set_verdict(detector, args.verdict, "scan")
     try:
@@ -161,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=0.0035)
+    t.add_argument("--warmup-epochs", type=int, default=0, help="constant --warmup-lr first (MaPLe: 1)")
+    t.add_argument("--warmup-lr", type=float, default=1e-5, help="MaPLe's WARMUP_CONS_LR")
+    t.add_argument("--prompt-init", help='"random" (default) or words whose first B tokens start the '
+                   'layer-0 text prompts, e.g. "a photo of a" (MaPLe)')
+    t.add_argument("--resize-mode", choices=("shortest", "squash", "none"),
+                   help="none = centre crop only, no resize (UnivFD-style)")
     t.add_argument("--workers", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)
@@ -173,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="only images under this split folder (train/val/test)")
     e.add_argument("--out", help="write the JSON result here")
     e.add_argument("--threshold", type=float, default=0.5)
+    e.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
     e.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: read the detection head "
                    "(default) or parse the generated answer as the public evaluation does (the paper's accuracy)")
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
@@ -199,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="rescore items already in --out")
     s.add_argument("--retry-errors", action="store_true", help="retry items stored as errors")
     s.add_argument("--threshold", type=float, default=0.5, help="label = score >= threshold")
+    s.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
     s.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: detection head (default) "
                    "or the generated answer's wording")
     s.add_argument("--cache-dir")

@@ -120,3 +120,24 @@ def test_our_saved_folder_also_takes_a_checkpoint(tmp_path):
     again = UniGenDet.from_pretrained(tmp_path / "ours", checkpoint=tmp_path / "head.safetensors")
     assert torch.equal(again.fake_cls_head[1].weight, tuned.fake_cls_head[1].weight)
     assert torch.equal(again.connector.fc1.weight, model.connector.fc1.weight)
+
+
+def test_cli_scan_of_a_headless_base_is_one_line_and_checkpoint_fixes_it(tmp_path):
+    from aigid.cli import main
+    src, folder = _base_folder(tmp_path)
+    save_file({k: v for k, v in _state(src).items() if k.startswith(HEADS)}, str(tmp_path / "heads.safetensors"))
+    # a base folder without llm_config.json is read with the bagel-7b sizes: give it the tiny config
+    src.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "model.safetensors").unlink()
+    save_file({k: v for k, v in _state(src).items() if not k.startswith(HEADS)},
+              str(tmp_path / "saved" / "model.safetensors"))
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+    Image.new("RGB", (40, 32), (10, 200, 30)).save(tmp_path / "imgs" / "a.png")
+    args = ["scan", str(tmp_path / "imgs"), "--detector", str(tmp_path / "saved"), "--out",
+            str(tmp_path / "r.sqlite"), "--workers", "0", "--quiet", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    msg = str(exc.value.code)
+    assert msg.startswith("aigid scan:") and "fake_cls_head" in msg and "\n" not in msg
+    assert main(args + ["--checkpoint", str(tmp_path / "heads.safetensors")]) == 0

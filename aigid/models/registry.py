@@ -29,18 +29,23 @@ def _arch_of(folder: str) -> str:
     return arch or "mirage"
 
 
-def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Optional[str] = None):
+def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Optional[str] = None,
+                  checkpoint: Optional[str] = None):
     """Load a detector saved with ``save_pretrained`` (or a BAGEL/UniGenDet release folder), or
     build a named config: ``mirage-tiny``, ``mirage-vit-l-14``, ``unigendet-tiny``, ``unigendet-bagel-7b``.
 
-    A named config gives an *untrained* detector (its prompts are random): useful to train
+    ``checkpoint``: fine-tuned weights merged over a UniGenDet/BAGEL base folder (as the public
+    code loads UniGenDet). A named config gives an *untrained* detector (its prompts are random): useful to train
     from, or to measure speed, never to trust its scores.
     """
     if os.path.isdir(name_or_path):
         arch = _arch_of(name_or_path)
         if arch not in _ARCHS:
             raise ValueError(f"{name_or_path}: unknown detector arch {arch!r}")
-        model = _ARCHS[arch]().from_pretrained(name_or_path, cache_dir=cache_dir)
+        if checkpoint is not None and arch != "unigendet":
+            raise ValueError(f"{name_or_path}: checkpoint= applies to UniGenDet folders only")
+        extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+        model = _ARCHS[arch]().from_pretrained(name_or_path, cache_dir=cache_dir, **extra)
     elif name_or_path.startswith("mirage-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)

@@ -501,11 +501,10 @@ class UniGenDet(nn.Module):
         if raw is not None and raw.get("arch") == "unigendet" and os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
             model = cls(config or UniGenDetConfig.from_dict(raw))
             state = read_release_weights(directory, checkpoint, weights or WEIGHTS_FILE)
-            load_into(model, state, strict=checkpoint is None)
+            model._check_loaded(load_into(model, state, strict=False), directory, allow_random_heads, None)
             vae_file = os.path.join(directory, VAE_FILE)
             if os.path.isfile(vae_file):
                 model.vae.load_state_dict(load_file(vae_file, device=map_location))
-            model.source, model.allow_random_heads = directory, allow_random_heads
             return model
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory!r} is neither a saved UniGenDet nor a BAGEL release folder")
@@ -513,24 +512,30 @@ class UniGenDet(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         state = release_to_ours(read_release_weights(directory, checkpoint, weights), model)
-        report = load_into(model, state, strict=False, dtype=dtype)
-        missing = [k for k in report.missing if not k.startswith(UNIGENDET_ONLY)]
-        if missing or report.unexpected:
-            raise ValueError(f"{directory}: release checkpoint does not match this config; missing "
-                             f"{missing[:8]}, unexpected {list(report.unexpected)[:8]}")
-        fresh = unigendet_heads(model.hidden_size, model.patch_latent_dim)
-        for name, module in fresh.items():
-            if any(k.startswith(name + ".") for k in report.missing):
-                setattr(model, name, module.to(dtype) if dtype is not None else module)
-                model.random_heads.append(name)
-        if model.random_heads:
-            log.warning("UniGenDet: %s has no %s; randomly initialised%s", directory,
-                        ", ".join(model.random_heads),
-                        "" if allow_random_heads else " (predict raises until a checkpoint supplies them)")
-        model.source, model.allow_random_heads = directory, allow_random_heads
+        model._check_loaded(load_into(model, state, strict=False, dtype=dtype), directory,
+                            allow_random_heads, dtype)
         if dtype is not None:
             model.to(dtype)
         return model.to(map_location)
+
+    def _check_loaded(self, report, directory: str, allow_random_heads: bool,
+                      dtype: Optional[torch.dtype]) -> None:
+        """Anything missing but UniGenDet's own heads is an error; missing heads are randomly
+        initialised and recorded (``random_heads``), so ``check_ready`` can refuse to score."""
+        missing = [k for k in report.missing if not k.startswith(UNIGENDET_ONLY)]
+        if missing or report.unexpected:
+            raise ValueError(f"{directory}: checkpoint does not match this config; missing "
+                             f"{missing[:8]}, unexpected {list(report.unexpected)[:8]}")
+        fresh = unigendet_heads(self.hidden_size, self.patch_latent_dim)
+        for name, module in fresh.items():
+            if any(k.startswith(name + ".") for k in report.missing):
+                setattr(self, name, module.to(dtype) if dtype is not None else module)
+                self.random_heads.append(name)
+        if self.random_heads:
+            log.warning("UniGenDet: %s has no %s; randomly initialised%s", directory,
+                        ", ".join(self.random_heads),
+                        "" if allow_random_heads else " (predict raises until a checkpoint supplies them)")
+        self.source, self.allow_random_heads = directory, allow_random_heads
 
 
 # ---- helpers --------------------------------------------------------------------------------
