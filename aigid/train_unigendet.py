@@ -1,11 +1,17 @@
 """UniGenDet's two training stages: GDUF (joint detection/explanation/generation) and DIGA.
 
-GDUF: ``L = λ_det·L_det + λ_exp·L_exp + λ_fm·L_fm`` on batches holding detection and generation
-samples 1:1, packed into one sequence (BAGEL's way). L_det is the 2-logit head's CE (a BCE on
-the logit difference), L_exp next-token CE on the answer, L_fm the rectified-flow MSE
-(``aigid.models.unigendet.flow``). Paper defaults: all λ = 1, AdamW lr 1e-4, wd 1e-2. The released code's
-values are ``GDUFConfig.code_preset()``: λ_det 0.2, lr 2e-5, betas (0.9, 0.95), eps 1e-15,
-grad clip 1.0, EMA 0.99.
+GDUF: ``L = λ_det·L_det + λ_exp·L_exp + λ_fm·L_fm`` on batches of detection and generation
+samples packed into one sequence (BAGEL's way). L_det is the 2-logit head's CE (a BCE on the
+logit difference), L_exp next-token CE on the answer, L_fm the rectified-flow MSE
+(``aigid.models.unigendet.flow``). Paper defaults (``GDUFConfig()``): all λ = 1, AdamW lr 1e-4,
+wd 1e-2, constant lr, batches holding detection and generation samples 1:1. The released
+scripts' values are ``GDUFConfig.code_preset()``; where paper and code differ the preset follows
+the code (``train/pretrain_unified_navit_gduf.py``, ``scripts/train/train_GDUF.sh``,
+``data/configs/unigendet_GDUF.yaml`` upstream): λ_det 0.2 (``label_weight``), AdamW with
+``weight_decay=0`` hard-coded, lr 2e-5, betas (0.9, 0.95), eps 1e-15, grad clip 1.0, EMA 0.99,
+2,000 linear warm-up steps then a constant lr, and the data mixed by weight — every sample's
+source drawn at random, FakeClue (detection/explanation) 5 : t2i (generation) 1
+(:func:`mixed_batches`).
 
 DIGA: the stage-1 model is deep-copied into a frozen teacher. For each ground-truth image the
 teacher's detection pass gives layer-ℓ states at the ViT tokens, final-normed (``norm``), resized
@@ -15,44 +21,51 @@ raw layer-ℓ output at the noisy VAE tokens → ``diga_mlp``; ``L = L_flow + λ
 (expert projections, norms, MLPs, ``norm_moe_gen``) plus ``diga_mlp``, ``vae2llm``, ``llm2vae``
 and ``time_embedder``; the understanding expert, SigLIP, connector, embeddings, ``lm_head`` and
 ``fake_cls_head`` stay fixed, so the detector the teacher embodies is not disturbed. The layer
-is clamped for small models: ``index = min(layer, num_layers) − 1``.
+is clamped for small models: ``index = min(layer, num_layers) − 1``. The teacher's sequence is
+ours by default (``[VAE] [ViT] [question]``) or, with ``teacher_prompt="code"``, the released
+code's ``[VAE] [forensic prompt with the caption] [ViT]`` (:func:`teacher_inputs`).
 Unlike the released loop (which swallowed every exception per step and so never applied
 DIGA's loss), errors here propagate.
 """
 from __future__ import annotations
 
 import copy
-import sys
+import logging
+import random
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aigid import backends
-from aigid.models.unigendet import flow
-from aigid.models.unigendet import GenInputs, UniGenDet, detection_loss, patchify_latents
+from aigid.models.unigendet import DetInputs, GenInputs, UniGenDet, detection_loss, flow, patchify_latents
 
 __all__ = ["DetectionItem", "GenerationItem", "GDUFConfig", "DIGAConfig", "gduf_losses", "train_gduf",
-           "make_teacher", "diga_layer_index", "diga_trainable_names", "teacher_targets", "diga_alignment",
-           "diga_losses", "train_diga", "detection_batch", "generation_batch",
-           "EMA"]
+           "mixed_batches", "warmup_factor", "make_teacher", "diga_layer_index", "diga_trainable_names",
+           "DIGA_CODE_PROMPT", "teacher_inputs", "teacher_targets", "diga_alignment", "diga_losses",
+           "train_diga", "detection_batch", "generation_batch", "EMA"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class DetectionItem:
-    pixels: torch.Tensor                  # (3, S, S) normalised with config.preprocess
+    pixels: torch.Tensor                  # (3, H, W): the VAE image as model.preprocess gives it, any size
     label: int                            # aigid convention: 1 = fake, 0 = real
     explanation: str = ""
-    latents: Optional[torch.Tensor] = None  # (C, h, w) scaled VAE latents; encoded when None
+    latents: Optional[torch.Tensor] = None  # (C, H/8, W/8) scaled VAE latents; encoded when None
 
 
 @dataclass
 class GenerationItem:
     prompt: str
-    pixels: Optional[torch.Tensor] = None   # (3, S, S) normalised; DIGA's teacher needs them
+    pixels: Optional[torch.Tensor] = None   # (3, H, W) as model.preprocess gives it; DIGA's teacher needs them
     latents: Optional[torch.Tensor] = None  # (C, h, w); encoded from pixels when None
+
+
+MIXES = ("paired", "weighted")
 
 
 @dataclass
@@ -62,6 +75,7 @@ class GDUFConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    warmup_steps: int = 0                  # linear warm-up from 0, then constant (code: 2000)
     lambda_det: float = 1.0
     lambda_exp: float = 1.0
     lambda_fm: float = 1.0
@@ -69,52 +83,159 @@ class GDUFConfig:
     ema_decay: Optional[float] = None      # EMA of the weights (code: 0.99), None = off
     text_dropout: float = 0.1              # prompts dropped for CFG (BAGEL's text_cond_dropout_prob)
     timestep_shift: float = 1.0
+    # Data mix (mixed_batches): "paired" = n detection + n generation samples per batch (the
+    # paper preset); "weighted" = each sample's source drawn by det_weight : gen_weight (code: 5 : 1).
+    mix: str = "paired"
+    det_weight: float = 1.0
+    gen_weight: float = 1.0
     optimizer: str = "adamw"               # "adamw" or "adamw8bit" (bitsandbytes, when installed)
     gradient_checkpointing: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
+        if self.det_weight < 0 or self.gen_weight < 0 or self.det_weight + self.gen_weight <= 0:
+            raise ValueError(f"data weights must be >= 0 with a positive sum, got "
+                             f"{self.det_weight} : {self.gen_weight}")
+        if self.mix == "paired" and self.det_weight != self.gen_weight:
+            raise ValueError("det_weight/gen_weight other than 1:1 need mix='weighted'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
     @classmethod
     def code_preset(cls, **overrides) -> "GDUFConfig":
-        """The released training script's values (paper's loss weights except λ_det = 0.2)."""
-        base = cls(lr=2e-5, betas=(0.9, 0.95), eps=1e-15, grad_clip=1.0, ema_decay=0.99, lambda_det=0.2)
+        """The released GDUF script (``train/pretrain_unified_navit_gduf.py`` with
+        ``scripts/train/train_GDUF.sh`` and ``data/configs/unigendet_GDUF.yaml``): AdamW with
+        weight_decay 0 (hard-coded there; the paper says 1e-2), lr 2e-5, betas (0.9, 0.95), eps
+        1e-15, clip 1.0, EMA 0.99, λ_det 0.2 (``label_weight``), warm-up 2,000 steps then constant
+        (``lr_scheduler="constant"``), sources drawn by weight FakeClue 5 : t2i 1."""
+        base = cls(lr=2e-5, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-15, grad_clip=1.0, ema_decay=0.99,
+                   lambda_det=0.2, warmup_steps=2000, mix="weighted", det_weight=5.0, gen_weight=1.0)
         return replace(base, **overrides)
+
+
+TEACHER_PROMPTS = ("default", "code")
 
 
 @dataclass
 class DIGAConfig(GDUFConfig):
     lam: float = 0.5
     layer: int = 8                         # 1-based decoder layer (the code's index 7)
+    teacher_prompt: str = "default"        # "default" or "code" (see teacher_inputs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher_prompt not in TEACHER_PROMPTS:
+            raise ValueError(f"teacher_prompt must be one of {TEACHER_PROMPTS}, got {self.teacher_prompt!r}")
 
     @classmethod
     def code_preset(cls, **overrides) -> "DIGAConfig":
-        base = cls(lr=2e-5, betas=(0.9, 0.95), eps=1e-15, grad_clip=1.0, ema_decay=0.95)
+        """The released DIGA script (``train/pretrain_unified_navit_diga.py`` with
+        ``scripts/train/train_DIGA.sh``): weight_decay 0 (hard-coded), lr 2e-5, betas (0.9, 0.95),
+        eps 1e-15, clip 1.0, EMA 0.95, warm-up 2,000 steps (the file's default; the script sets
+        none) then constant, λ_DIGA 0.5, and the teacher's forensic prompt (``teacher_prompt="code"``).
+        Its data is t2i only (``data/configs/unigendet_DIGA.yaml``)."""
+        base = cls(lr=2e-5, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-15, grad_clip=1.0, ema_decay=0.95,
+                   warmup_steps=2000, teacher_prompt="code")
         return replace(base, **overrides)
 
 
+# ---- data mix -------------------------------------------------------------------------------
+def mixed_batches(det_source: Iterable[DetectionItem], gen_source: Iterable[GenerationItem], batch_size: int,
+                  cfg: GDUFConfig) -> Iterator[tuple[list[DetectionItem], list[GenerationItem]]]:
+    """(detection items, generation items) batches of ``batch_size`` samples for ``train_gduf``.
+
+    ``cfg.mix == "paired"``: ``batch_size / 2`` of each (the paper preset). ``"weighted"``: as
+    the released ``PackedDataset.__iter__`` (``data/dataset_base.py``), each batch opens with one
+    sample of every source of positive weight (both groups are ``is_mandatory`` in
+    ``unigendet_GDUF.yaml``), then each further sample's source is drawn at random with
+    probability ∝ ``det_weight`` : ``gen_weight`` (``random.Random(cfg.seed)``, so reproducible).
+    Upstream fills packs up to a token budget; here a batch is a sample count. Stops when a
+    source it needs is exhausted (wrap sources in ``itertools.cycle`` for epochs)."""
+    det_it, gen_it = iter(det_source), iter(gen_source)
+    if cfg.mix == "paired":
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(f"paired batches need an even batch_size >= 2, got {batch_size}")
+        half = batch_size // 2
+        while True:
+            det, gen = _take(det_it, half), _take(gen_it, half)
+            if det is None or gen is None:
+                return
+            yield det, gen
+    p_det = cfg.det_weight / (cfg.det_weight + cfg.gen_weight)
+    opening = [kind for kind, w in (("det", cfg.det_weight), ("gen", cfg.gen_weight)) if w > 0]
+    if batch_size < len(opening):
+        raise ValueError(f"weighted batches open with one sample of each source: batch_size must be "
+                         f">= {len(opening)}, got {batch_size}")
+    rng = random.Random(cfg.seed)
+    while True:
+        kinds = opening + ["det" if rng.random() < p_det else "gen" for _ in range(batch_size - len(opening))]
+        det = _take(det_it, kinds.count("det"))
+        gen = _take(gen_it, kinds.count("gen"))
+        if det is None or gen is None:
+            return
+        yield det, gen
+
+
+def _take(it: Iterator, n: int) -> Optional[list]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return None
+    return out
+
+
 # ---- batches --------------------------------------------------------------------------------
-def _latents(model: UniGenDet, items) -> torch.Tensor:
-    if all(it.latents is not None for it in items):
-        return torch.stack([it.latents for it in items]).to(model.device)
-    if any(it.pixels is None for it in items):
-        raise ValueError("a generation item needs latents or pixels")
-    pixels = torch.stack([it.pixels for it in items]).to(model.device)
-    return model.encode_latents(model._resize(pixels, model.config.vae_image_size))
+def _draw_seed(generator: Optional[torch.Generator]) -> Optional[int]:
+    """A seed for the VAE posterior sample, drawn from the run's generator (fresh each batch)."""
+    return None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
-def detection_batch(model: UniGenDet, items: Sequence[DetectionItem]):
-    pixels = torch.stack([it.pixels for it in items]).to(model.device)
-    lat = _latents(model, items) if all(it.latents is not None for it in items) else None
-    det = model.detection_inputs(pixels, latents=lat, answers=[it.explanation for it in items])
+def _item_latents(model: UniGenDet, items, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+    """Each item's latents: given, or encoded from its pixels (sampled posterior, as BAGEL)."""
+    missing = [i for i, it in enumerate(items) if it.latents is None]
+    if any(items[i].pixels is None for i in missing):
+        raise ValueError("an item needs latents or pixels")
+    out = [None if it.latents is None else it.latents.to(model.device) for it in items]
+    if missing:
+        encoded = model.encode_latents([items[i].pixels.to(model.device) for i in missing],
+                                       seed=[_draw_seed(generator) for _ in missing])
+        for i, z in zip(missing, encoded):
+            out[i] = z
+    return out
+
+
+def detection_batch(model: UniGenDet, items: Sequence[DetectionItem],
+                    generator: Optional[torch.Generator] = None) -> tuple[DetInputs, torch.Tensor]:
+    """Detection inputs and labels; the images may differ in size (each keeps its token grid)."""
     labels = torch.tensor([int(it.label) for it in items], device=model.device)
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError(f"detection labels must be 0 (real) or 1 (fake), got {labels.tolist()}")
+    pixels = [it.pixels.to(model.device) for it in items]
+    det = model.detection_inputs(pixels, latents=_item_latents(model, items, generator),
+                                 answers=[it.explanation for it in items])
     return det, labels
+
+
+def _generation_latents(model: UniGenDet, items: Sequence[GenerationItem],
+                        generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(N, C, h, w): one latent grid per generation batch (``GenInputs.grid``), so sizes must match."""
+    lat = _item_latents(model, items, generator)
+    shapes = sorted({tuple(z.shape) for z in lat})
+    if len(shapes) > 1:
+        raise ValueError(f"generation items in one batch must share a size (one latent grid per batch); "
+                         f"got latents of shapes {shapes}: batch them by size")
+    return torch.stack(lat)
 
 
 def generation_batch(model: UniGenDet, items: Sequence[GenerationItem], shift: float,
                      text_dropout: float, generator: torch.Generator):
-    """Noisy latents at sigmoid(randn)-shifted t, the clean latents and the noise (all seeded)."""
-    x0 = _latents(model, items)
+    """Noisy latents at sigmoid(randn)-shifted t, the clean latent tokens, the noise and the clean
+    latents (all seeded). The items must share one size."""
+    x0 = _generation_latents(model, items, generator)
     tokens = patchify_latents(x0, model.config.latent_patch_size)
     n = tokens.shape[0]
     t = flow.sample_timesteps(n, shift, generator=generator).to(model.device)
@@ -128,16 +249,24 @@ def generation_batch(model: UniGenDet, items: Sequence[GenerationItem], shift: f
 # ---- GDUF -----------------------------------------------------------------------------------
 def gduf_losses(model: UniGenDet, det_items: Sequence[DetectionItem], gen_items: Sequence[GenerationItem],
                 cfg: GDUFConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One packed forward over detection + generation samples; weighted total in ``loss``."""
-    if len(det_items) != len(gen_items) or not det_items:
-        raise ValueError(f"GDUF batches hold detection and generation samples 1:1, got "
+    """One packed forward over detection + generation samples; weighted total in ``loss``.
+
+    ``mix="paired"`` requires the two 1:1; ``"weighted"`` takes any mix (a batch without one
+    kind contributes 0 to that kind's losses)."""
+    if cfg.mix == "paired" and (len(det_items) != len(gen_items) or not det_items):
+        raise ValueError(f"GDUF batches hold detection and generation samples 1:1 (mix='paired'), got "
                          f"{len(det_items)} and {len(gen_items)}")
-    det, labels = detection_batch(model, det_items)
-    gen, x0_tok, noise, _ = generation_batch(model, gen_items, cfg.timestep_shift, cfg.text_dropout, generator)
+    if not det_items and not gen_items:
+        raise ValueError("empty GDUF batch")
+    det, labels = detection_batch(model, det_items, generator) if det_items else (None, None)
+    gen = None
+    if gen_items:
+        gen, x0_tok, noise, _ = generation_batch(model, gen_items, cfg.timestep_shift, cfg.text_dropout, generator)
     out = model(det=det, gen=gen)
-    l_det = detection_loss(out.cls_logits, labels)
-    l_exp = F.cross_entropy(out.answer_logits.float(), out.answer_labels)
-    l_fm = flow.flow_loss(out.velocity, x0_tok, noise)
+    zero = out.hidden.new_zeros((), dtype=torch.float32)
+    l_det = detection_loss(out.cls_logits, labels) if det is not None else zero
+    l_exp = F.cross_entropy(out.answer_logits.float(), out.answer_labels) if det is not None else zero
+    l_fm = flow.flow_loss(out.velocity, x0_tok, noise) if gen is not None else zero
     loss = cfg.lambda_det * l_det + cfg.lambda_exp * l_exp + cfg.lambda_fm * l_fm
     return {"loss": loss, "det": l_det.detach(), "exp": l_exp.detach(), "fm": l_fm.detach()}
 
@@ -170,18 +299,30 @@ def _optimizer(params: list[nn.Parameter], cfg: GDUFConfig) -> torch.optim.Optim
         if backends.has_bitsandbytes():
             import bitsandbytes as bnb
             return bnb.optim.AdamW8bit(params, **kw)
-        print("aigid: bitsandbytes is not installed; using torch AdamW instead of AdamW8bit", file=sys.stderr)
+        log.warning("bitsandbytes is not installed; using torch AdamW instead of AdamW8bit")
     elif cfg.optimizer != "adamw":
         raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or adamw8bit)")
     return torch.optim.AdamW(params, **kw)
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """lr multiplier at optimizer step ``step`` (0-based): ``step / warmup_steps`` during the
+    warm-up, then 1 — transformers' ``get_constant_schedule_with_warmup``, which the released
+    scripts use (so their first step runs at lr 0)."""
+    return step / warmup_steps if step < warmup_steps else 1.0
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: GDUFConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, cfg.warmup_steps))
+
+
 def _run(model: UniGenDet, batches: Iterable, cfg: GDUFConfig, step_losses: Callable,
-         log: Optional[Callable[[int, dict], None]]) -> tuple[list[dict[str, float]], Optional[EMA]]:
+         log_fn: Optional[Callable[[int, dict], None]]) -> tuple[list[dict[str, float]], Optional[EMA]]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     opt = _optimizer(params, cfg)
+    sched = _scheduler(opt, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -200,12 +341,14 @@ def _run(model: UniGenDet, batches: Iterable, cfg: GDUFConfig, step_losses: Call
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
+        sched.step()
         if ema is not None:
             ema.update(model)
-        history.append(_floats(losses))
-        if log is not None:
-            log(step, history[-1])
+        history.append({**_floats(losses), "lr": lr})
+        if log_fn is not None:
+            log_fn(step, history[-1])
     return history, ema
 
 
@@ -216,10 +359,11 @@ def _floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 def train_gduf(model: UniGenDet, batches: Iterable[tuple[Sequence[DetectionItem], Sequence[GenerationItem]]],
                cfg: Optional[GDUFConfig] = None, log: Optional[Callable[[int, dict], None]] = None,
                ) -> tuple[list[dict[str, float]], Optional[EMA]]:
-    """Stage 1, full fine-tuning. ``batches`` yields (detection items, generation items), 1:1.
+    """Stage 1, full fine-tuning. ``batches`` yields (detection items, generation items): build
+    them with :func:`mixed_batches` (1:1 for ``mix="paired"``, drawn by weight for ``"weighted"``).
 
-    Returns the per-step losses and the EMA (when ``ema_decay`` is set; ``ema.copy_to(model)``).
-    """
+    Returns the per-step losses (with the step's ``lr``) and the EMA (when ``ema_decay`` is set;
+    ``ema.copy_to(model)``)."""
     cfg = cfg or GDUFConfig()
     return _run(model, batches, cfg, lambda b, g: gduf_losses(model, b[0], b[1], cfg, g), log)
 
@@ -255,17 +399,61 @@ def _set_diga_trainable(model: UniGenDet) -> None:
         p.requires_grad_(n in names)
 
 
-def teacher_targets(teacher: UniGenDet, pixels: torch.Tensor, latents: torch.Tensor, index: int,
-                    grid: tuple[int, int]) -> torch.Tensor:
-    """(N, h·w, H): the teacher's final-normed layer-``index`` ViT states, resized to ``grid``."""
+# The released teacher's text (modeling/bagel/bagel_generation_diga.py, verbatim as data: a
+# triple-quoted f-string, so its continuation lines keep the source's 24-space indent).
+_INDENT = "\n" + " " * 24
+DIGA_CODE_PROMPT = (
+    'Act as a forensic image analyst. The image was generated for the prompt: "{caption}".'
+    + _INDENT + "Briefly and professionally state the specific visual evidence that supports the image's "
+    "authenticity."
+    + _INDENT + "For each point, concisely link it to a prompt element "
+    "(e.g., \u201c<element>: <visual evidence>\u201d)."
+    + _INDENT + "Use very brief, factual language and limit the output to only the most critical 2-3 points.")
+
+
+def teacher_inputs(teacher: UniGenDet, pixels, latents, *, prompts: Optional[Sequence[str]] = None,
+                   teacher_prompt: str = "default") -> DetInputs:
+    """The teacher's detection sequence over the ground-truth images.
+
+    ``"default"``: our detection layout, ``[VAE] [ViT] [question] <|im_start|>``.
+    ``"code"``: the released DIGA forward's (``modeling/bagel/bagel_generation_diga.py``):
+    ``[VAE] <|im_start|> DIGA_CODE_PROMPT with the image's caption <|im_end|> [ViT]`` and no
+    question (here ``mid_ids`` and ``question_ids = None``). Our pack still ends with the
+    ``<|im_start|>`` the detection head reads; it follows the ViT split, so no ViT token sees it
+    and the targets are those of the released sequence. In the released run this loss never
+    reached the weights (its loop read a key the forward never returned, inside a blanket
+    ``except``); here it does."""
+    det = teacher.detection_inputs(pixels, latents=latents)
+    if teacher_prompt == "default":
+        return det
+    if teacher_prompt != "code":
+        raise ValueError(f"teacher_prompt must be one of {TEACHER_PROMPTS}, got {teacher_prompt!r}")
+    if prompts is None or len(prompts) != len(det):
+        raise ValueError("teacher_prompt='code' needs one caption per image")
+    mid = [teacher.tokenizer.encode(DIGA_CODE_PROMPT.format(caption=p)) for p in prompts]
+    return replace(det, mid_ids=mid, question_ids=[None] * len(det))
+
+
+def teacher_targets(teacher: UniGenDet, pixels, latents, index: int, grid: tuple[int, int], *,
+                    prompts: Optional[Sequence[str]] = None, teacher_prompt: str = "default") -> torch.Tensor:
+    """(N, h·w, H): the teacher's final-normed layer-``index`` ViT states, each image's ViT grid
+    resized bilinearly to the latent token ``grid`` (images may differ in size; the released code
+    also resizes per image)."""
     with torch.no_grad():
-        out = teacher(det=teacher.detection_inputs(pixels, latents=latents), return_layers=(index,))
-        states = teacher.language_model.model.norm(out.layer_outputs[index][out.vit_index])  # (N, n_vit, H)
-        n, _, h = states.shape
-        gh, gw = out.vit_grid
-        maps = states.float().transpose(1, 2).reshape(n, h, gh, gw)
-        maps = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
-        return maps.flatten(2).transpose(1, 2)
+        det = teacher_inputs(teacher, pixels, latents, prompts=prompts, teacher_prompt=teacher_prompt)
+        out = teacher(det=det, return_layers=(index,))
+        states = out.layer_outputs[index]
+        if isinstance(out.vit_grid, tuple):    # all images the same size
+            per_image = [(pos, out.vit_grid) for pos in out.vit_index]
+        else:
+            per_image = list(zip(out.vit_index, out.vit_grid))
+        norm, targets = teacher.language_model.model.norm, []
+        for pos, (gh, gw) in per_image:
+            s = norm(states[pos]).float()                                   # (gh·gw, H)
+            m = s.transpose(0, 1).reshape(1, s.shape[1], gh, gw)
+            m = F.interpolate(m, size=tuple(grid), mode="bilinear", align_corners=False)
+            targets.append(m[0].flatten(1).transpose(0, 1))                 # (h·w, H)
+        return torch.stack(targets)
 
 
 def diga_alignment(student: UniGenDet, out, index: int, target: torch.Tensor) -> torch.Tensor:
@@ -282,8 +470,10 @@ def diga_losses(student: UniGenDet, teacher: UniGenDet, items: Sequence[Generati
         raise ValueError("DIGA needs the ground-truth pixels of every generation item (the teacher's input)")
     index = diga_layer_index(cfg.layer, len(student.language_model.model.layers))
     gen, x0_tok, noise, x0 = generation_batch(student, items, cfg.timestep_shift, cfg.text_dropout, generator)
-    pixels = torch.stack([it.pixels for it in items]).to(student.device)
-    target = teacher_targets(teacher, pixels, x0, index, gen.grid)
+    pixels = [it.pixels.to(student.device) for it in items]
+    # The teacher reads the caption even where the student's prompt was dropped for CFG (as released).
+    target = teacher_targets(teacher, pixels, x0, index, gen.grid, prompts=[it.prompt for it in items],
+                             teacher_prompt=cfg.teacher_prompt)
     out = student(gen=gen, return_layers=(index,))
     l_fm = flow.flow_loss(out.velocity, x0_tok, noise)
     l_diga = diga_alignment(student, out, index, target)
@@ -293,7 +483,8 @@ def diga_losses(student: UniGenDet, teacher: UniGenDet, items: Sequence[Generati
 def train_diga(model: UniGenDet, batches: Iterable[Sequence[GenerationItem]], cfg: Optional[DIGAConfig] = None,
                log: Optional[Callable[[int, dict], None]] = None, teacher: Optional[UniGenDet] = None,
                ) -> tuple[UniGenDet, list[dict[str, float]], Optional[EMA]]:
-    """Stage 2 on ``model`` (the student, trained in place); returns (teacher, history, ema)."""
+    """Stage 2 on ``model`` (the student, trained in place); returns (teacher, history, ema).
+    Each batch's items must share one image size (one latent grid)."""
     cfg = cfg or DIGAConfig()
     teacher = teacher or make_teacher(model)
     _set_diga_trainable(model)

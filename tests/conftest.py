@@ -1,8 +1,6 @@
 """Test-wide setup: Triton's interpreter on CPU-only machines, the ``gpu`` marker, seeds."""
 import copy
-import json
 import os
-from importlib import resources
 
 import pytest
 import torch
@@ -26,6 +24,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -9,12 +9,7 @@ from aigid.models.unigendet.decode import decode_answers, decode_answers_uncache
 from aigid.models.unigendet.mot import KVCache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

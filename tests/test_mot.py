@@ -13,13 +13,7 @@ from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout, Split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: more intra-op threads only add contention on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DETECTION = [Split(3, "text"), Split(4, "vae"), Split(5, "vit"), Split(4, "text")]

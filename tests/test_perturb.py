@@ -1,5 +1,4 @@
 """Robustness perturbations: they change pixels the way their names say, and are picklable."""
-import io
 import pickle
 
 import numpy as np

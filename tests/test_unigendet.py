@@ -13,13 +13,7 @@ from aigid.models.unigendet import (FAKE_CLASS, DetInputs, GenInputs, UniGenDet,
                                     detection_loss, patchify_latents, sincos_2d, unpatchify_latents)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 from aigid.models.unigendet import config as config_mod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(w, h, seed=0):
@@ -80,6 +75,10 @@ def test_vae_posterior_is_sampled_per_image_with_a_seed(tiny):
     mode = tiny.encode_latents(px, sample=False)
     other = tiny.encode_latents(px, seed=1)
     assert not torch.allclose(a[0], mode[0]) and not torch.allclose(a[0], other[0])
+    per_image = tiny.encode_latents(px, seed=[0, 5])  # one seed per image (training draws them)
+    assert torch.equal(per_image[0], a[0]) and not torch.allclose(per_image[1], a[1])
+    with pytest.raises(ValueError, match="seeds"):
+        tiny.encode_latents(px, seed=[0])
     alone = tiny.encode_latents(px[1:])  # an image's noise does not depend on its batch
     assert torch.allclose(alone[0], a[1], atol=1e-5)
 

@@ -15,12 +15,7 @@ from aigid.models.unigendet.release import weight_file
 HEADS = ("fake_cls_head.", "diga_mlp.", "latent_to_vit_connector.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(model: UniGenDet) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ from aigid.data.bagel_resize import BagelResize
 from aigid.data.images import load_rgb
 from aigid.data.transforms import ImageInput, eval_transform
 from aigid.errors import MissingHeadError
-from aigid.models.checkpoint import load_into, load_state_dict_dir, save_state_dict
+from aigid.models.checkpoint import load_into, save_state_dict
 from aigid.models.unigendet import flow
 from aigid.models.unigendet.config import GENERATION_PRESETS, UniGenDetConfig
 from aigid.models.unigendet.inputs import DetInputs, GenInputs, Generated, Images, PackBuilder, PackOutput
@@ -54,8 +54,10 @@ from aigid.models.unigendet.modules import (MLPConnector, PositionEmbedding, Tim
                                             patchify_latents, sincos_2d, unigendet_heads,
                                             unpatchify_latents)
 from aigid.models.unigendet.mot import MoTForCausalLM
-from aigid.models.unigendet.release import (build_vae, has_vae, read_release_weights, release_config,
-                                            release_to_ours)
+from aigid.models.unigendet.release import read_release_weights, release_config, release_to_ours
+from aigid.models.unigendet.vae import build_vae, has_vae
+from aigid.models.unigendet.vae import decode_latents as vae_decode
+from aigid.models.unigendet.vae import encode_latents as vae_encode
 from aigid.models.unigendet.siglip import SigLIPVisionModel, position_ids
 from aigid.models.unigendet.tokenizer import Tokenizer, build_tokenizer
 from aigid.packing import PackedLayout
@@ -130,7 +132,8 @@ class UniGenDet(nn.Module):
 
     @property
     def vae(self) -> nn.Module:
-        """The FLUX-style AutoencoderKL (diffusers), from ``vae.path`` or a seeded ``vae.init``."""
+        """The FLUX AE as a diffusers AutoencoderKL: from ``vae.path`` (BAGEL's ``ae.safetensors``,
+        a folder holding it, or a diffusers folder) or a seeded random ``vae.init``."""
         if self._vae is None:
             self.__dict__["_vae"] = build_vae(self.config.vae).to(self.device)
         return self._vae
@@ -167,37 +170,35 @@ class UniGenDet(nn.Module):
 
     @torch.no_grad()
     def encode_latents(self, pixels: Images, *, sample: Optional[bool] = None,
-                       seed: Optional[int] = None) -> Images:
+                       seed: Optional[Union[int, Sequence[int]]] = None) -> Images:
         """[-1, 1] VAE images → scaled latents ``scale·(z − shift)``, per image (a list in, a list
         out; a batch tensor in, a batch tensor out).
 
         ``z`` is sampled from the posterior as BAGEL does (``DiagonalGaussian(sample=True)``) unless
         ``sample=False`` (its mode). Each image's noise comes from a CPU generator seeded with
-        ``seed`` (default ``config.latent_seed``), so an image's latents do not depend on the
-        other images of its batch. Same-size images share one VAE call."""
+        ``seed`` (default ``config.latent_seed``; a sequence gives one seed per image, as training
+        draws), so an image's latents do not depend on the other images of its batch. Same-size
+        images share one VAE call."""
         sample = self.config.latent_sample if sample is None else sample
-        seed = self.config.latent_seed if seed is None else seed
         images = _as_list(pixels)
-        vae, spec = self.vae, self.config.vae
-        dtype = next(vae.parameters()).dtype
+        seed = self.config.latent_seed if seed is None else seed
+        seeds = [seed] * len(images) if isinstance(seed, int) else list(seed)
+        seeds = [self.config.latent_seed if x is None else int(x) for x in seeds]
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         out: list[Optional[torch.Tensor]] = [None] * len(images)
         for idxs in _same_shape_groups(images):
-            dist = vae.encode(torch.stack([images[i] for i in idxs]).to(self.device, dtype)).latent_dist
+            gens = [torch.Generator().manual_seed(seeds[i]) for i in idxs] if sample else None
+            z = vae_encode(self.vae, torch.stack([images[i] for i in idxs]).to(self.device), self.config.vae,
+                           sample=sample, generator=gens)
             for j, i in enumerate(idxs):
-                z = dist.mean[j].float()
-                if sample:
-                    g = torch.Generator(device="cpu").manual_seed(int(seed))
-                    z = z + dist.std[j].float() * torch.randn(z.shape, generator=g).to(z.device)
-                out[i] = (z - spec.get("shift", 0.0)) * spec.get("scale", 1.0)
+                out[i] = z[j]
         return torch.stack(out) if isinstance(pixels, torch.Tensor) else out
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [0, 1]."""
-        vae, spec = self.vae, self.config.vae
-        z = latents / spec.get("scale", 1.0) + spec.get("shift", 0.0)
-        x = vae.decode(z.to(next(vae.parameters()).dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return vae_decode(self.vae, latents, self.config.vae)
 
     def vit_image(self, vae_pixels: torch.Tensor) -> torch.Tensor:
         """The SigLIP image of one VAE-sized image: BAGEL's ``ImageTransform(980, 224, 14)`` rule

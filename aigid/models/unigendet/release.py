@@ -6,6 +6,7 @@ which our modules mirror). The fine-tuned UniGenDet checkpoint is a second safet
 public ``eval/det/fakevlm_test.py`` merges the two, the fine-tuned keys winning and the base
 filling the keys the checkpoint lacks. :func:`read_release_weights` does the same, names the file
 that supplied each key group in the log, and refuses to guess between competing weight files.
+The VAE (BAGEL's ``ae.safetensors``, FLUX layout) is built by :mod:`aigid.models.unigendet.vae`.
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
-from torch import nn
 
 from aigid.models.unigendet.config import UniGenDetConfig
 from aigid.models.unigendet.mot import MoTConfig
@@ -25,7 +25,7 @@ from aigid.models.unigendet.siglip import patch_weight_from_linear
 if TYPE_CHECKING:
     from aigid.models.unigendet.model import UniGenDet
 
-__all__ = ["release_config", "release_to_ours", "has_vae", "build_vae", "weight_file",
+__all__ = ["release_config", "release_to_ours", "weight_file",
            "read_release_weights", "VAE_FILES"]
 
 log = logging.getLogger(__name__)
@@ -115,32 +115,3 @@ def release_to_ours(state: dict[str, torch.Tensor], model: "UniGenDet") -> dict[
     if w is not None and w.ndim == 2:
         state = {**state, key: patch_weight_from_linear(w, conv.shape, key)}
     return state
-
-
-def has_vae(spec: dict[str, Any], built: Optional[nn.Module]) -> bool:
-    return built is not None or bool(spec.get("path")) or bool(spec.get("init"))
-
-
-def build_vae(spec: dict[str, Any]) -> nn.Module:
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        raise ImportError("UniGenDet's VAE needs diffusers: pip install diffusers") from e
-    if spec.get("path"):
-        vae = AutoencoderKL.from_pretrained(spec["path"], local_files_only=True)
-    elif spec.get("init"):
-        init = dict(spec["init"])
-        blocks = len(init.get("block_out_channels", [])) or 4
-        if 2 ** (blocks - 1) != int(spec.get("downsample", 8)):
-            raise ValueError(f"vae.init has {blocks} blocks (×{2 ** (blocks - 1)} down), "
-                             f"config says ×{spec.get('downsample')}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(spec.get("seed", 0)))
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=int(spec.get("channels", 16)),
-                                down_block_types=["DownEncoderBlock2D"] * blocks,
-                                up_block_types=["UpDecoderBlock2D"] * blocks,
-                                use_quant_conv=False, use_post_quant_conv=False, **init)
-    else:
-        raise RuntimeError("no VAE configured: set config.vae['path'] to a local diffusers AutoencoderKL "
-                           "folder (FLUX AE), or pass latents directly")
-    return vae.eval().requires_grad_(False)
