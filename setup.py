@@ -5,7 +5,8 @@ Everything else (metadata, dependencies, extras, entry points) lives in pyprojec
 from setuptools import setup
 
 setup(
-    packages=["aigid", "aigid.models", "aigid.data", "aigid.kernels"],
+    packages=["aigid", "aigid.models", "aigid.models.configs", "aigid.models.mirage",
+              "aigid.models.unigendet", "aigid.data", "aigid.kernels"],
     package_dir={"aigid": "aigid", "aigid.kernels": "kernels"},
-    package_data={"aigid.models": ["configs/*.json"]},
+    package_data={"aigid.models.configs": ["*.json"]},
 )

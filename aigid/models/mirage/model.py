@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from typing import Any, Optional, Union
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from aigid import ops
 from aigid.data.transforms import ImageInput, eval_transform, to_pixels
+from aigid.models.configs import shipped_config
 from aigid.models.mirage.clip_backbone import build_backbone
 from aigid.models.mirage.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
 from aigid.models.mirage.memory_bank import MemoryBank
@@ -59,10 +59,7 @@ class MiraGeConfig:
     @classmethod
     def named(cls, name: str) -> "MiraGeConfig":
         """A shipped config: ``tiny`` or ``vit-l-14`` (files in aigid/models/configs/)."""
-        path = resources.files("aigid.models") / "configs" / f"mirage-{name}.json"
-        if not path.is_file():
-            raise ValueError(f"no shipped MiraGe config {name!r} (tiny, vit-l-14)")
-        return cls(**json.loads(path.read_text()))
+        return cls(**shipped_config("mirage", name))
 
 
 

@@ -9,12 +9,11 @@ FakeClue's training question, and the generated answer's wording is parsed as th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Union
 
+from aigid.models.configs import shipped_config
 from aigid.models.unigendet.mot import MoTConfig
 from aigid.models.unigendet.siglip import SigLIPConfig
 
@@ -74,10 +73,7 @@ class UniGenDetConfig:
     @classmethod
     def named(cls, name: str) -> "UniGenDetConfig":
         """A shipped config: ``tiny`` or ``bagel-7b`` (aigid/models/configs/unigendet-*.json)."""
-        path = resources.files("aigid.models") / "configs" / f"unigendet-{name}.json"
-        if not path.is_file():
-            raise ValueError(f"no shipped UniGenDet config {name!r} (tiny, bagel-7b)")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(shipped_config("unigendet", name))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "UniGenDetConfig":

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -45,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aigid import ops
+from aigid.models.configs import shipped_config
 from aigid.models.unigendet.rope import RMSNorm, RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout
 
@@ -84,10 +83,7 @@ class MoTConfig:
     @classmethod
     def named(cls, name: str) -> "MoTConfig":
         """A shipped config: ``tiny`` (tests) or ``bagel-7b`` (files aigid/models/configs/mot-*.json)."""
-        path = resources.files("aigid.models") / "configs" / f"mot-{name}.json"
-        if not path.is_file():
-            raise ValueError(f"no shipped MoT config {name!r} (tiny, bagel-7b)")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(shipped_config("mot", name))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoTConfig":
