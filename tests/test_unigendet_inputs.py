@@ -138,3 +138,24 @@ def test_generation_presets(tiny, monkeypatch):
     assert seen["cfg_interval"] == (0.0, 1.0) and out.latents.shape[-2:] == (128, 128)
     with pytest.raises(ValueError, match="preset"):
         tiny.generate(["a cat"], preset="fid")
+
+
+def test_vit_image_is_the_public_codes_pil_resize_of_the_vae_image():
+    # The public pipeline: PIL resize to the VAE size, then PIL resize of *that* image for SigLIP.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    from aigid.data.bagel_resize import bagel_size
+    c = UniGenDetConfig.named("tiny")
+    c.preprocess = dict(UniGenDetConfig.named("bagel-7b").preprocess)
+    c.vit_resize = dict(UniGenDetConfig.named("bagel-7b").vit_resize)
+    model = UniGenDet(c)
+    pil = _image(700, 530, 4)
+    vw, vh = bagel_size(700, 530, 1024, 512, 16)
+    vae_pil = TF.resize(pil, [vh, vw], InterpolationMode.BICUBIC, antialias=True)
+    tw, th = bagel_size(vw, vh, 980, 224, 14)
+    vit_pil = TF.resize(vae_pil, [th, tw], InterpolationMode.BICUBIC, antialias=True)
+    want = (TF.pil_to_tensor(vit_pil).float() / 255 - 0.5) / 0.5
+    (vae_px,) = model.preprocess(pil)
+    assert torch.allclose(vae_px, (TF.pil_to_tensor(vae_pil).float() / 255 - 0.5) / 0.5, atol=1e-6)
+    got = model.vit_image(vae_px)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)

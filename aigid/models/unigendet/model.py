@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.transforms import v2 as T
 
 from aigid.data.bagel_resize import BagelResize
 from aigid.data.images import load_rgb
@@ -115,6 +116,8 @@ class UniGenDet(nn.Module):
         self._tokenizer: Optional[Tokenizer] = None
         self._transform = eval_transform(config.preprocess)  # the VAE image (BAGEL's resize)
         self._vit_resize = BagelResize(**{k: int(v) for k, v in config.vit_resize.items()})
+        self._normalise = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                                     T.Normalize(config.preprocess["mean"], config.preprocess["std"])])
         self.random_heads: list[str] = []       # heads the loaded weights lacked (from_pretrained)
         self.allow_random_heads = False
         self.source: Optional[str] = None       # the folder it was loaded from
@@ -202,9 +205,18 @@ class UniGenDet(nn.Module):
 
     def vit_image(self, vae_pixels: torch.Tensor) -> torch.Tensor:
         """The SigLIP image of one VAE-sized image: BAGEL's ``ImageTransform(980, 224, 14)`` rule
-        applied to it (bicubic, antialiased; on the normalised tensor, where the public code
-        resizes the 8-bit PIL image — the difference is that rounding)."""
-        return self._vit_resize(vae_pixels.float())
+        applied to it. The public code resizes the 8-bit PIL VAE image; the normalised tensor holds
+        exactly those 8-bit values (it came from that PIL image), so they are recovered and resized
+        by PIL too — the same pixels as upstream, for paths, PIL images and scan batches alike."""
+        pp = self.config.preprocess
+        mean = torch.tensor(pp["mean"], device=vae_pixels.device).view(3, 1, 1)
+        std = torch.tensor(pp["std"], device=vae_pixels.device).view(3, 1, 1)
+        u8 = ((vae_pixels.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        w, h = self._vit_resize.size_of(u8.shape[-1], u8.shape[-2])
+        if (w, h) == (u8.shape[-1], u8.shape[-2]):
+            return vae_pixels.float()
+        img = self._vit_resize(Image.fromarray(u8.permute(1, 2, 0).cpu().numpy()))
+        return self._normalise(img).to(vae_pixels.device)
 
     # ---- packing and the forward pass -------------------------------------------------------
     def _latent_ids(self, grid: tuple[int, int]) -> torch.Tensor:
