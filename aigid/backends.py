@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
-import sys
 
 import torch
 
@@ -88,16 +88,17 @@ def available() -> dict[str, bool]:
     }
 
 
+log = logging.getLogger(__name__)
 _announced: dict[str, str] = {}
 
 
 def announce(op: str, choice: str) -> None:
-    """Print the backend an op runs on, once per (op, choice), to stderr."""
+    """Log (INFO) the backend an op runs on, once per (op, choice); ``AIGID_QUIET=1`` silences it."""
     if _announced.get(op) == choice:
         return
     _announced[op] = choice
     if os.environ.get("AIGID_QUIET", "0") != "1":
-        print(f"aigid: {op}={choice}", file=sys.stderr)
+        log.info("%s=%s", op, choice)
 
 
 def chosen() -> dict[str, str]:

@@ -1,18 +1,285 @@
-"""``aigid demo | train | eval | scan | export | make-aligned | backends`` (the console script)."""
+"""``aigid demo | train | eval | scan | export | make-aligned | backends`` (the console script).
+
+A person's mistake gets one line on stderr, ``aigid <command>: <what is wrong, naming the path>``,
+and no traceback unless ``--debug``. Exit codes: 0 done; 2 the command line cannot work as given
+(a bad value, a missing path, an output that cannot be written, a missing optional package or GPU),
+found by the checks that run before any work starts; 1 the work failed (a corrupt or foreign file,
+weights that cannot be found, ...); 130 interrupted; 141 the reader of stdout went away (``| head``).
+Notices go through ``logging`` (INFO, WARNING with ``--quiet`` or ``AIGID_QUIET=1``); stdout holds
+only each command's result.
+
+Adding a flag: put it in the command's ``_add_<command>`` and, when it names a path or has a range,
+check it in the command's ``_check_<command>`` (run before the work, so a typo costs nothing).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
+import pickle
+import sqlite3
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+from aigid import __version__
 from aigid.errors import MissingHeadError  # light: no model import
+
+log = logging.getLogger("aigid.cli")
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
+
+
+class UsageError(Exception):
+    """The command line cannot work as given (exit 2)."""
+
+
+class CommandFailed(Exception):
+    """The work failed on a file's content or the machine's state (exit 1)."""
+
+
+# ---- argument types: a bad value is refused by argparse with one line ------------------------------
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be ≥ {low}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_in(low: float, high: Optional[float] = None, *, open_low: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value < low or (open_low and value == low) or (high is not None and value > high):
+            span = f"[{low}, {high}]" if high is not None else (f"> {low}" if open_low else f"≥ {low}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+_probability = _float_in(0.0, 1.0)
+_positive_float = _float_in(0.0, open_low=True)
+
+
+# ---- up-front checks ---------------------------------------------------------------------------
+def _must_exist(path: str, what: str) -> None:
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such {what}")
+
+
+def _writable_parent(path: str, what: str) -> None:
+    """``path`` is a file to be written: its folder must exist and take new files."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder; the {what} must be a file path")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/stdout, a FIFO: its folder is moot
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        why = "is not a folder" if os.path.exists(parent) else "does not exist"
+        raise UsageError(f"{path}: cannot write the {what}: folder {parent} {why}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot write the {what}: folder {parent} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{path}: the {what} exists and is not writable")
+
+
+def _writable_dir(path: str, what: str) -> None:
+    """``path`` is a folder to be created or filled: it (or its nearest existing ancestor) must be
+    a writable folder."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{path}: cannot create the {what}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot write the {what}: folder {probe} is not writable")
+
+
+def _device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _labelled(data: str, split: Optional[str], opt: str = "data") -> list:
+    """The labelled images of ``data`` (a folder or manifest), refusing an empty selection."""
+    from aigid.data.labelled import discover
+
+    _must_exist(data, "dataset folder or manifest")
+    items = discover(data, split)
+    if items:
+        return items
+    total = len(discover(data)) if split else 0
+    if total:
+        raise UsageError(f"{data}: no labelled images under a {split!r} folder ({total} exist outside "
+                         f"it; drop --split or name another)")
+    raise UsageError(f"{data}: no labelled images (expected real/fake, 0_real/1_fake or nature/ai "
+                     f"folders of images, or a CSV/JSONL manifest)")
+
+
+def _json_file(path: str, what: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CommandFailed(f"{path}: the {what} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CommandFailed(f"{path}: the {what} must be a JSON object, got {type(value).__name__}")
+
+
+def _safetensors_file(path: str) -> None:
+    """Parse the header only (cheap, memory-mapped): catches a truncated or foreign file by name."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise CommandFailed(f"{path}: not a readable safetensors file ({err})") from None
+
+
+SHIPPED_DETECTORS = ("mirage-tiny", "mirage-vit-l-14", "unigendet-tiny", "unigendet-bagel-7b")
+
+
+def _detector_arg(path: str) -> None:
+    """``--detector``: a folder (checked by ``_detector_folder``) or a shipped name."""
+    if not os.path.isdir(path) and path not in SHIPPED_DETECTORS:
+        raise UsageError(f"{path}: no such detector folder, and not a shipped name "
+                         f"({', '.join(SHIPPED_DETECTORS)})")
+    _detector_folder(path)
+
+
+def _detector_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        return  # a shipped name, or the loader's own "neither a folder nor a known name"
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        _json_file(config, "detector config")
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            _safetensors_file(os.path.join(path, name))
+
+
+def _checkpoint_file(path: str, opt: str) -> None:
+    """``--pretrained`` names an open_clip tag or a local checkpoint; a file must look like one
+    (a safetensors header, or a torch.save zip holding data.pkl), so a wrong file is named here
+    rather than by torch's unpickler."""
+    import zipfile
+
+    if not os.path.exists(path):
+        if os.sep in path or os.path.splitext(path)[1]:
+            raise UsageError(f"{opt} {path}: no such checkpoint file")
+        return  # an open_clip tag, resolved (offline) by the backbone loader
+    if path.endswith(".safetensors"):
+        _safetensors_file(path)
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                return
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a legacy torch.save pickle
+            return
+    raise CommandFailed(f"{path}: not a model checkpoint (expected a .safetensors file or a "
+                        f"PyTorch .pt/.pth/.bin written by torch.save)")
+
+
+def _results_file(path: str) -> None:
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise CommandFailed(f"{path}: not an aigid results file (not SQLite)")
+
+
+def _export_target(path: str, fmt: Optional[str]) -> None:
+    _writable_parent(path, "export file")
+    fmt = fmt or os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in ("jsonl", "csv", "parquet"):
+        raise UsageError(f"{path}: cannot tell the export format from the suffix; use .jsonl, .csv "
+                         f"or .parquet (or --format)")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise UsageError(f"{path}: Parquet export needs pyarrow (pip install pyarrow), or export "
+                             f"to .jsonl / .csv") from None
+
+
+def _load_detector(args):
+    """The detector of ``--detector`` (after ``_detector_folder`` checked its files), with the
+    loaders' errors named by the folder."""
+    from aigid.evaluate import device_of
+    from aigid.models.registry import load_detector
+
+    try:
+        return load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)),
+                             checkpoint=args.checkpoint, download=args.allow_download)
+    except pickle.UnpicklingError:
+        raise CommandFailed(f"{args.checkpoint or args.detector}: holds pickled objects other than "
+                            f"weights, which aigid does not load") from None
+    except (TypeError, KeyError) as err:  # a config.json whose fields do not fit the detector
+        raise CommandFailed(f"{args.detector}: not a detector folder aigid can load "
+                            f"({type(err).__name__}: {err})") from None
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":
+            raise CommandFailed(f"{args.detector}: its weights are not readable ({err})") from None
+        raise
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    """Printed metrics: 4 decimals are plenty to read; the files keep full precision."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round(v, digits) for v in value]
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(_round(value), indent=2))
+
+
+# ---- commands: check_<cmd> runs before any work, _cmd_<cmd> does it ------------------------------
+def _check_demo(args) -> None:
+    _writable_dir(args.out, "demo folder")
 
 
 def _cmd_demo(args) -> int:
-    from aigid.demo import run_demo
+    from aigid.demo import demo_report, run_demo
 
-    run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    summary = run_demo(out=args.out, steps=args.steps, per_photo=args.per_photo, vae_steps=args.vae_steps,
+                       seed=args.seed, progress=not args.quiet)
+    print(demo_report(summary, args.out))
     return 0
 
 
@@ -21,13 +288,37 @@ def _overrides(args) -> dict:
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.pretrained is not None:
         out["backbone"] = {"model": args.backbone or "ViT-L-14", "pretrained": args.pretrained}
-    elif args.backbone is not None:
-        raise SystemExit("--backbone needs --pretrained (an open_clip tag or a checkpoint file)")
     if args.prompt_init is not None:
         out["prompt_init"] = args.prompt_init
     if args.resize_mode is not None:
         out["preprocess"] = {"resize_mode": args.resize_mode}
     return out
+
+
+def _check_train(args) -> None:
+    from aigid.data.labelled import has_split
+
+    if args.backbone is not None and args.pretrained is None:
+        raise UsageError("--backbone needs --pretrained (an open_clip tag or a checkpoint file)")
+    _device(args.device)
+    split = "train" if has_split(args.data, "train") else None
+    labels = {s.label for s in _labelled(args.data, split)}
+    if labels != {0, 1}:
+        have = "real" if labels == {0} else "fake"
+        raise UsageError(f"{os.path.join(args.data, split or '')}: training needs both real and fake "
+                         f"images, found only {have} ones")
+    if args.val is not None:
+        _labelled(args.val, None)
+    if os.path.isdir(args.model):
+        _detector_folder(args.model)
+    elif os.path.isfile(args.model):
+        _json_file(args.model, "model config")
+    if args.pretrained is not None:
+        _checkpoint_file(args.pretrained, "--pretrained")
+    _writable_dir(args.out, "detector folder")
+    if os.path.isfile(os.path.join(args.out, "config.json")) and not (args.overwrite or args.resume):
+        raise UsageError(f"{args.out}: a detector is already there; pass --overwrite to replace it "
+                         f"when training ends, or choose another --out")
 
 
 def _cmd_train(args) -> int:
@@ -38,103 +329,132 @@ def _cmd_train(args) -> int:
                       max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                       num_workers=args.workers, device=args.device, seed=args.seed,
                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-                      progress=not args.quiet)
-    summary = train(cfg)
+                      download=args.allow_download, resume=args.resume, overwrite=args.overwrite,
+                      checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    try:
+        summary = train(cfg)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never follow it
+        raise CommandFailed(f"{args.pretrained or args.model}: holds pickled objects other than "
+                            f"weights, which aigid does not load") from None
     print(f"saved detector to {args.out} ({summary['steps']} steps, {summary['seconds']} s)")
     if "val" in summary:
-        print(json.dumps(summary["val"]["overall"], indent=2))
+        _print_json(summary["val"]["overall"])
     if summary["skipped_files"]:
-        print(f"{len(summary['skipped_files'])} unreadable files skipped (see train_summary.json)")
+        log.warning("%d unreadable files skipped (see %s)", len(summary["skipped_files"]),
+                    os.path.join(args.out, "train_summary.json"))
     return 0
 
 
-def _set_verdict(detector, verdict, cmd: str) -> None:
+def _set_verdict(detector, verdict) -> None:
     """``--verdict head|text`` (UniGenDet): kept in the detector's config, so the scan's run record
     and result fingerprint say which verdict produced the scores."""
     if verdict is None:
         return
     if getattr(getattr(detector, "config", None), "verdict", None) is None:
-        raise SystemExit(f"aigid {cmd}: --verdict applies to UniGenDet detectors only")
+        raise UsageError("--verdict applies to UniGenDet detectors only")
     detector.config.verdict = verdict
 
 
-def _cmd_eval(args) -> int:
-    from aigid.evaluate import device_of, evaluate
-    from aigid.models.registry import load_detector
+def _check_eval(args) -> None:
+    from aigid.data.perturb import parse_sweep
 
-    try:
-        detector = load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)),
-                                 checkpoint=args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"aigid eval: {err}") from None
-    _set_verdict(detector, args.verdict, "eval")
-    try:
-        result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
-                          num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
-                          robustness=args.robustness or ())
-    except MissingHeadError as err:
-        raise SystemExit(f"aigid eval: {err}") from None
-    text = json.dumps(result, indent=2)
+    _device(args.device)
+    if args.robustness:
+        try:
+            parse_sweep(args.robustness)
+        except ValueError as err:
+            raise UsageError(f"--robustness {args.robustness}: {err}") from None
+    _labelled(args.data, args.split)
+    if args.out:
+        _writable_parent(args.out, "result file")
+    _detector_arg(args.detector)
+
+
+def _cmd_eval(args) -> int:
+    from aigid.evaluate import evaluate
+
+    detector = _load_detector(args)
+    _set_verdict(detector, args.verdict)
+    result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
+                      num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
+                      robustness=args.robustness or ())
     if args.out:
         with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(json.dumps({"overall": result["overall"], "written": args.out}, indent=2))
+            f.write(json.dumps(result, indent=2) + "\n")
+        _print_json({"overall": result["overall"], "written": args.out})
     else:
-        print(text)
+        _print_json(result)
     return 0
 
 
-def _cmd_scan(args) -> int:
-    import os
+def _check_scan(args) -> None:
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        raise UsageError(f"no such path: {', '.join(missing)}")
+    _device(args.device)
+    _writable_parent(args.out, "results file")
+    _results_file(args.out)
+    if args.export:
+        _export_target(args.export, None)
+    _detector_arg(args.detector)
 
-    from aigid.evaluate import device_of
-    from aigid.models.registry import load_detector
+
+def _cmd_scan(args) -> int:
     from aigid.scan import scan_to_store
 
-    if args.batch_size < 1:
-        raise SystemExit("aigid scan: --batch-size must be >= 1")
-    if args.workers is not None and args.workers < 0:
-        raise SystemExit("aigid scan: --workers must be >= 0")
-    missing = [p for p in args.paths if not os.path.lexists(p)]
-    if missing:  # a typo on the command line is a usage error; unreadable files found inside are data
-        raise SystemExit(f"aigid scan: no such path: {', '.join(missing)}")
-    try:
-        detector = load_detector(args.detector, cache_dir=args.cache_dir,
-                                 device=str(device_of(args.device)), checkpoint=args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"aigid scan: {err}") from None
-    _set_verdict(detector, args.verdict, "scan")
+    detector = _load_detector(args)
+    _set_verdict(detector, args.verdict)
     try:
         summary = scan_to_store(args.paths, detector, out=args.out, batch_size=args.batch_size,
                                 decoder=args.decoder, num_workers=args.workers,
                                 resume=not args.no_resume, retry_errors=args.retry_errors,
                                 threshold=args.threshold, export=args.export, progress=not args.quiet)
-    except MissingHeadError as err:
-        raise SystemExit(f"aigid scan: {err}") from None
-    print(json.dumps(summary, indent=2))
+    except sqlite3.DatabaseError as err:
+        raise CommandFailed(f"{args.out}: not a usable results file ({err})") from None
+    if not any(summary.get(k) for k in ("scored", "errors", "skipped")):
+        log.warning("no images found under %s (looked for image files, .tar/.zip shards and "
+                    ".txt/.lst lists)", ", ".join(args.paths))
+    _print_json(summary)
     return 0  # unreadable images are results (stored with their reason), not a failure
 
 
-def _cmd_export(args) -> int:
-    import os
+def _check_export(args) -> None:
+    if not os.path.isfile(args.db):
+        raise UsageError(f"{args.db}: no such results file")
+    _results_file(args.db)
+    _export_target(args.out, args.format)
 
+
+def _cmd_export(args) -> int:
     from aigid.store import ResultStore
 
-    if not os.path.isfile(args.db):
-        raise SystemExit(f"aigid export: no results file {args.db!r}")
-    with ResultStore(args.db) as store:
-        n = store.export(args.out, format=args.format, model=args.model)
+    try:
+        with ResultStore(args.db, readonly=True) as store:  # a running scan may hold the writer lock
+            n = store.export(args.out, format=args.format, model=args.model, threshold=args.threshold)
+    except sqlite3.DatabaseError as err:
+        raise CommandFailed(f"{args.db}: not a usable results file ({err})") from None
     print(json.dumps({"exported": n, "out": args.out}))
     return 0
+
+
+def _check_make_aligned(args) -> None:
+    if not os.path.isdir(args.real_dir):
+        raise UsageError(f"{args.real_dir}: no such folder of real images")
+    _device(args.device)
+    _writable_dir(args.out_dir, "output folder")
 
 
 def _cmd_make_aligned(args) -> int:
     from aigid.data.aligned import load_vae, make_aligned
 
-    counts = make_aligned(args.real_dir, args.out_dir, load_vae(args.vae, device=args.device),
+    counts = make_aligned(args.real_dir, args.out_dir,
+                          load_vae(args.vae, device=args.device, download=args.allow_download),
                           progress=not args.quiet)
     print(json.dumps(counts))
-    return 0 if counts["written"] else 1
+    if not counts["written"]:
+        raise CommandFailed(f"{args.real_dir}: no image could be reconstructed "
+                            f"({counts['errors']} unreadable, see {os.path.join(args.out_dir, 'errors.jsonl')})")
+    return 0
 
 
 def _cmd_backends(args) -> int:
@@ -144,107 +464,256 @@ def _cmd_backends(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aigid", description="Detect AI-generated images.")
-    sub = p.add_subparsers(dest="command", required=True)
+# ---- the parser ----------------------------------------------------------------------------------
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where there is a real default (not for flags or unset options)."""
 
-    d = sub.add_parser("demo", help="offline end-to-end demo: build a toy set, train, evaluate")
-    d.add_argument("--out", default="aigid-demo")
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
-    d.set_defaults(fn=_cmd_demo)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
-    t = sub.add_parser("train", help="train a MiraGe detector on a labelled folder or manifest")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes in our one-line form (its default prints the usage block too)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given after the command they set the value; absent, the global one stays.
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only: no notices, no progress bars")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+
+
+def _command(sub, name: str, help: str, fn, check=None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+    _common(p)
+    p.set_defaults(fn=fn, check=check)
+    return p
+
+
+def _add_runtime(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--batch-size", type=_positive, default=batch_size, help="images per batch")
+    p.add_argument("--workers", type=_non_negative, default=0, help="data-loading processes (0: in the main process)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--cache-dir", help="where open_clip tag weights are looked up (default: the "
+                   "Hugging Face hub cache, then ~/.cache/clip)")
+    _add_allow_download(p)
+
+
+def _add_allow_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch missing backbone/VAE weights from the network (off: local caches only)")
+
+
+def _add_detector(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
+    p.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
+    p.add_argument("--threshold", type=_probability, default=0.5, help="label = fake when score ≥ threshold (0..1)")
+
+
+def _add_demo(sub) -> None:
+    d = _command(sub, "demo", "offline end-to-end demo: build a toy set, train, evaluate", _cmd_demo, _check_demo)
+    d.add_argument("--out", default="demo-out", help="folder for the toy data, config and detector")
+    d.add_argument("--steps", type=_positive, default=200, help="training steps")
+    d.add_argument("--vae-steps", type=_non_negative, default=60,
+                   help="steps fitting the small VAE that makes the fakes (more: closer fakes, slower)")
+    d.add_argument("--per-photo", type=_positive, default=40, help="crops taken from each sample photo")
+    d.add_argument("--seed", type=int, default=0, help="seed for crops, VAE and training")
+
+
+def _add_train(sub) -> None:
+    t = _command(sub, "train", "train a MiraGe detector on a labelled folder or manifest", _cmd_train, _check_train)
     t.add_argument("data", help="folder with real/fake (or 0_real/1_fake, nature/ai) leaves, or a CSV/JSONL manifest")
     t.add_argument("--out", default="runs/mirage", help="output detector folder")
     t.add_argument("--val", help="held-out data (default: the data's val/ split if present)")
     t.add_argument("--model", default="vit-l-14", help="shipped config (tiny, vit-l-14), a JSON config, or a detector folder")
-    t.add_argument("--backbone", help="open_clip model name, with --pretrained")
-    t.add_argument("--pretrained", help="open_clip tag or local checkpoint file for the backbone")
-    t.add_argument("--cache-dir", help="open_clip weights cache")
-    for name, typ in (("alpha", float), ("temperature", float), ("bank-size", int),
-                      ("prompt-depth", int), ("prompt-tokens", int)):
-        t.add_argument(f"--{name}", type=typ)
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=0.0035)
-    t.add_argument("--warmup-epochs", type=int, default=0, help="constant --warmup-lr first (MaPLe: 1)")
-    t.add_argument("--warmup-lr", type=float, default=1e-5, help="MaPLe's WARMUP_CONS_LR")
-    t.add_argument("--prompt-init", help='"random" (default) or words whose first B tokens start the '
-                   'layer-0 text prompts, e.g. "a photo of a" (MaPLe)')
+    t.add_argument("--backbone", help="open_clip model name, with --pretrained (default: ViT-L-14)")
+    t.add_argument("--pretrained", help="open_clip tag (weights in the local cache) or a local checkpoint "
+                   "file for the backbone (default: the model config's)")
+    for name, typ, what in (("alpha", float, "weight of the SupCon loss"),
+                            ("temperature", _positive_float, "SupCon temperature"),
+                            ("bank-size", _positive, "memory-bank entries"),
+                            ("prompt-depth", _positive, "layers with learned prompts"),
+                            ("prompt-tokens", _positive, "learned tokens per layer")):
+        t.add_argument(f"--{name}", type=typ, help=f"{what} (default: the model config's)")
+    t.add_argument("--epochs", type=_positive, default=5, help="passes over the training data")
+    t.add_argument("--max-steps", type=_positive, help="stop after this many optimiser steps (default: no limit)")
+    t.add_argument("--lr", type=_positive_float, default=0.0035, help="peak learning rate (cosine schedule)")
+    t.add_argument("--warmup-epochs", type=_non_negative, default=0, help="constant --warmup-lr first (MaPLe: 1)")
+    t.add_argument("--warmup-lr", type=_positive_float, default=1e-5, help="MaPLe's WARMUP_CONS_LR")
+    t.add_argument("--prompt-init", help='"random" or words whose first B tokens start the layer-0 text '
+                   'prompts, e.g. "a photo of a" (MaPLe) (default: random)')
     t.add_argument("--resize-mode", choices=("shortest", "squash", "none"),
-                   help="none = centre crop only, no resize (UnivFD-style)")
-    t.add_argument("--workers", type=int, default=0)
-    t.add_argument("--device", default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(fn=_cmd_train)
+                   help="none = centre crop only, no resize (UnivFD-style) (default: the model config's)")
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run saved in OUT.partial/ (same settings and data)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing detector folder at --out when training ends")
+    t.add_argument("--checkpoint-every", type=_non_negative, default=500,
+                   help="optimiser steps between checkpoints in OUT.partial/ (0: only on Ctrl-C)")
+    _add_runtime(t, batch_size=32)
 
-    e = sub.add_parser("eval", help="acc, real/fake acc, AP, AUROC, EER per generator, as JSON")
+
+def _add_eval(sub) -> None:
+    e = _command(sub, "eval", "acc, real/fake acc, AP, AUROC, EER per generator, as JSON", _cmd_eval, _check_eval)
     e.add_argument("data", help="labelled folder or manifest")
-    e.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
-    e.add_argument("--split", help="only images under this split folder (train/val/test)")
-    e.add_argument("--out", help="write the JSON result here")
-    e.add_argument("--threshold", type=float, default=0.5)
-    e.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
+    _add_detector(e)
+    e.add_argument("--split", help="only images under this split folder, e.g. train/val/test (default: all)")
+    e.add_argument("--out", help="write the full JSON result here (default: print it)")
     e.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: read the detection head "
                    "(default) or parse the generated answer as the public evaluation does (the paper's accuracy)")
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
-                   "blur sigma 2/4) or a list like jpeg90,blur2")
-    e.add_argument("--cache-dir")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(fn=_cmd_eval)
+                   "blur sigma 2/4) or a list like jpeg90,blur2 (default: none)")
+    _add_runtime(e, batch_size=64)
 
-    s = sub.add_parser("scan", help="score every image under folders, tar/zip shards or file lists "
-                       "into a resumable SQLite results file")
-    s.add_argument("paths", nargs="+", metavar="PATH",
-                   help="folder, image, .tar/.zip shard, or .txt/.lst list")
-    s.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
-    s.add_argument("--out", default="results.sqlite", help="SQLite results file (created or resumed)")
+
+def _add_scan(sub) -> None:
+    s = _command(sub, "scan", "score every image under folders, tar/zip shards or file lists into a "
+                 "resumable SQLite results file", _cmd_scan, _check_scan)
+    s.add_argument("paths", nargs="+", metavar="PATH", help="folder, image, .tar/.zip shard, or .txt/.lst list")
+    _add_detector(s)
+    s.add_argument("--out", default="results.sqlite", help="SQLite results file (created or resumed); "
+                   "one scan writes it at a time, and labels follow the latest scan's --threshold")
     s.add_argument("--export", help="also write this model's results to a .jsonl, .csv or .parquet file")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto")
-    s.add_argument("--workers", type=int, help="decode processes (default: all cores but one on "
-                   "CUDA, few or none on CPU)")
+    s.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto", help="image decoder")
     s.add_argument("--no-resume", action="store_true", help="rescore items already in --out")
     s.add_argument("--retry-errors", action="store_true", help="retry items stored as errors")
-    s.add_argument("--threshold", type=float, default=0.5, help="label = score >= threshold")
-    s.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
     s.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: detection head (default) "
                    "or the generated answer's wording")
-    s.add_argument("--cache-dir")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_cmd_scan)
+    _add_runtime(s, batch_size=64)
+    s.set_defaults(workers=None)  # scan picks its own decode workers
+    for action in s._actions:
+        if action.dest == "workers":
+            action.help = "decode processes (default: all cores but one on CUDA, few or none on CPU)"
 
-    x = sub.add_parser("export", help="write a scan's results file as JSONL, CSV or Parquet")
+
+def _add_export(sub) -> None:
+    x = _command(sub, "export", "write a scan's results file as JSONL, CSV or Parquet", _cmd_export, _check_export)
     x.add_argument("db", help="SQLite results file written by `aigid scan`")
     x.add_argument("out", help="output file; the format comes from its suffix unless --format")
-    x.add_argument("--format", choices=("jsonl", "csv", "parquet"))
+    x.add_argument("--format", choices=("jsonl", "csv", "parquet"), help="output format (default: from the suffix)")
     x.add_argument("--model", help="only this detector's results (default: all)")
-    x.set_defaults(fn=_cmd_export)
+    x.add_argument("--threshold", type=_probability,
+                   help="label = fake when score ≥ threshold (default: each model's latest scan's)")
 
-    a = sub.add_parser("make-aligned", help="write VAE reconstructions (aligned fakes) of real images")
-    a.add_argument("real_dir")
-    a.add_argument("out_dir")
+
+def _add_make_aligned(sub) -> None:
+    a = _command(sub, "make-aligned", "write VAE reconstructions (aligned fakes) of real images",
+                 _cmd_make_aligned, _check_make_aligned)
+    a.add_argument("real_dir", help="folder of real images (searched recursively)")
+    a.add_argument("out_dir", help="where the reconstructions go, same layout, as PNG")
     a.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (or cached hub id)")
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--quiet", action="store_true")
-    a.set_defaults(fn=_cmd_make_aligned)
+    a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_allow_download(a)
 
-    b = sub.add_parser("backends", help="which optional backends this machine has")
-    b.set_defaults(fn=_cmd_backends)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="aigid", description="Detect AI-generated images.", formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"aigid {__version__}")
+    _common(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_train, _add_eval, _add_scan, _add_export, _add_make_aligned):
+        add(sub)
+    _command(sub, "backends", "which optional backends this machine has", _cmd_backends)
     return p
+
+
+# ---- main ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _notices(quiet: bool) -> Iterator[None]:
+    """Route the ``aigid`` loggers to stderr for this command; undone after (tests call main twice)."""
+    logger = logging.getLogger("aigid")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("aigid: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _describe(err: BaseException) -> tuple[int, str]:
+    """Exit code and message for an error raised by a command."""
+    if isinstance(err, UsageError):
+        return EXIT_USAGE, str(err)
+    if isinstance(err, CommandFailed):
+        return EXIT_FAILED, str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        return EXIT_FAILED, "a file holds pickled objects other than weights, which aigid does not load"
+    if isinstance(err, OSError) and err.filename is not None:
+        where = f"{err.filename} → {err.filename2}" if err.filename2 else err.filename
+        return EXIT_FAILED, f"{where}: {err.strerror or err}"
+    if isinstance(err, sqlite3.Error):
+        return EXIT_FAILED, f"results file: {err}"
+    from aigid.models.mirage.clip_backbone import BackboneUnavailable
+    if isinstance(err, (OSError, ValueError, ImportError, MissingHeadError, BackboneUnavailable)):
+        return EXIT_FAILED, str(err)
+    return EXIT_FAILED, f"{type(err).__name__}: {err} (an aigid bug? rerun with --debug and report it)"
+
+
+def _broken_pipe_behind(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BrokenPipeError):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _quiet_stdout_after_broken_pipe() -> None:
+    # Python's recipe (docs: signal, "Note on SIGPIPE"): point stdout at devnull so the flush at
+    # exit does not raise again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (tests capture it)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    debug = getattr(args, "debug", False)
+    quiet = getattr(args, "quiet", False) or os.environ.get("AIGID_QUIET", "0") == "1"
+    args.quiet, args.debug = quiet, debug
+    with _notices(quiet):
+        try:
+            if args.check is not None:
+                args.check(args)
+            code = args.fn(args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+            return code
+        except BrokenPipeError:
+            _quiet_stdout_after_broken_pipe()
+            return EXIT_BROKEN_PIPE
+        except KeyboardInterrupt as err:
+            if debug:
+                raise
+            hint = f"; {_one_line(str(err))}" if str(err) else ""  # e.g. how to resume training
+            print(f"aigid {args.command}: interrupted{hint}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as err:
+            if _broken_pipe_behind(err):  # e.g. a store's cleanup failing after the pipe closed
+                _quiet_stdout_after_broken_pipe()
+                return EXIT_BROKEN_PIPE
+            if debug:
+                traceback.print_exc()
+            code, message = _describe(err)
+            print(f"aigid {args.command}: {_one_line(message)}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ autocast), and this generator (writes each finished batch to the store, then yie
 runs batch k while the main thread fetches batch k+1 and commits batch k-1, so neither the
 ``.cpu()`` inside ``predict`` nor a SQLite commit stalls the data path.
 
+The store (``out=``, off by default) is ``aigid.store.ResultStore``: the scan holds its writer
+lock from start to end (a second scan into the same file is refused with ``StoreLockedError``),
+refuses a file that is not an aigid results file without touching it, and checkpoints the WAL at
+the end, so the ``.sqlite`` alone then holds every row (while a scan runs, or after a kill, the
+``-wal`` beside it holds the latest batches: copy both). Stored labels follow the threshold in
+force: the latest run's, so a rescan with a new ``threshold`` relabels without rescoring.
+
 Durability: each batch (its scores and its errors) is one SQLite transaction, committed before its
 results are yielded; ``resume=True`` skips ids already stored for this detector (errors included
 unless ``retry_errors``), so a killed scan restarted with the same arguments finishes the job with
@@ -33,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
-from aigid.store import DoneFilter, ResultRow, ResultStore
+from aigid.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
 
 __all__ = ["ScanResult", "scan", "scan_to_store", "model_id", "default_workers"]
 
@@ -139,7 +146,7 @@ def _predict(detector, pixels: torch.Tensor, autocast: bool) -> torch.Tensor:
 
 
 def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
-         out: Optional[PathArg] = "results.sqlite", batch_size: int = 64,
+         out: Optional[PathArg] = None, batch_size: int = 64,
          device: Optional[Union[str, torch.device]] = None, decoder: str = "auto",
          num_workers: Optional[int] = None, resume: bool = True, retry_errors: bool = False,
          threshold: float = 0.5, export: Optional[PathArg] = None, progress: bool = True,
@@ -148,12 +155,15 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
     """Score every image under ``paths``; yield a ``ScanResult`` per item as batches finish.
 
     ``paths``: folders (walked), image files, tar/zip shards, ``.txt``/``.lst`` lists.
-    ``out``: the SQLite results file (``None``: no store, no resume: results are only yielded).
+    ``out``: the SQLite results file to write and resume from (default ``None``: no store, no
+    resume, nothing written: results are only yielded).
     ``device``: moves the detector there (default: where it already is). ``decoder``: ``"auto"``,
     ``"dali"`` or ``"pil"``. ``num_workers``: decode processes (default ``default_workers``).
-    ``label`` is ``score >= threshold``. ``export``: after the scan, write this model's results to
-    a .jsonl/.csv/.parquet file. ``model``: the id results are stored under (default
-    ``model_id(detector)``). ``stats``, if given, is filled with the run's summary at the end.
+    ``label`` is ``score >= threshold`` (a probability in [0, 1]); in the store it becomes the
+    threshold in force for this model, also for rows skipped as done. ``export``: after the scan,
+    write this model's results to a .jsonl/.csv/.parquet file. ``model``: the id results are
+    stored under (default ``model_id(detector)``). ``stats``, if given, is filled with the run's
+    summary at the end.
     Items are yielded in completion order, not enumeration order.
     """
     from aigid.data.batches import choose_decoder, iter_batches
@@ -165,6 +175,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     if export is not None and out is None:
         raise ValueError("export= needs a results store (out=...) to export from")
+    threshold = check_threshold(threshold)
     preprocess = getattr(getattr(detector, "config", None), "preprocess", None)
     if not isinstance(preprocess, dict):
         raise TypeError("scan needs a detector with config.preprocess (a dict) and predict(pixels)")
@@ -181,13 +192,20 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         decoder = "pil"  # DALI's pipeline emits one size per batch; this detector keeps each aspect
     chosen = choose_decoder(decoder, dev)
 
+    # Held until the end: the writer lock, so no other scan writes this file meanwhile.
     store = ResultStore(out) if out is not None else None
-    mid = model or (model_id(detector) if store is not None else None)
-    skip = None
-    if store is not None and resume:
-        skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors), workers + 1)
-    run = store.start_run(mid, detector=_config_dict(detector), preprocess=preprocess,
-                          threshold=threshold, decoder=chosen, paths=paths) if store else None
+    mid, skip, run = model, None, None
+    try:
+        if store is not None:
+            mid = mid or model_id(detector)
+            if resume:
+                skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors),
+                                     workers + 1)
+            run = store.start_run(mid, detector=_config_dict(detector), preprocess=preprocess,
+                                  threshold=threshold, decoder=chosen, paths=paths)
+    except BaseException:
+        store.close()
+        raise
 
     counts = {"scored": 0, "errors": 0}
     bar = tqdm(desc="scan", unit="img", disable=not progress, dynamic_ncols=True)
@@ -206,14 +224,14 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                                f"{len(batch.records)} images")
         now = time.time()
         # NaN: a text verdict whose answer names neither class — stored as an error with its reason.
-        results = [ScanResult(r.id, r.hash, r.size, s, int(s >= threshold), None) if s == s else
+        results = [ScanResult(r.id, r.hash, r.size, s, label_of(s, threshold), None) if s == s else
                    ScanResult(r.id, r.hash, r.size, None, None, NO_VERDICT)
                    for r, s in zip(batch.records, scores.tolist())]
         results += [ScanResult(r.id, r.hash, r.size, None, None, r.error or "unreadable")
                     for r in batch.errors]
         if store is not None:  # one transaction per batch: all of it or none of it
-            store.write(ResultRow(x.id, mid, x.hash, x.size, x.score, x.label, x.error, now)
-                        for x in results)
+            store.write(ResultRow(x.id, mid, x.hash, x.size, x.score, None, x.error, now, run)
+                        for x in results)  # the label is derived on read, not stored
         counts["scored"] += len(batch.records)
         counts["errors"] += len(batch.errors)
         bar.update(len(results))
@@ -247,22 +265,23 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                    "complete": finished}
         if store is not None:
             try:
+                if skip is not None:
+                    skip.done.close()  # before the checkpoint, which an open reader would hold up
                 store.finish_run(run, summary)
                 if finished and export is not None:
-                    summary["exported"] = store.export(export, model=mid)
+                    summary["exported"] = store.export(export, model=mid, threshold=threshold)
                     summary["export"] = os.fspath(export)
             finally:
-                if skip is not None:
-                    skip.done.close()
-                store.close()
+                store.close()  # checkpoints and releases the writer lock
             summary["out"] = os.fspath(out)
         if stats is not None:
             stats.update(summary)
 
 
 def scan_to_store(paths: Union[PathArg, Sequence[PathArg]], detector, *,
-                  out: PathArg = "results.sqlite", **kwargs: Any) -> dict[str, Any]:
-    """Run ``scan`` to the end without keeping the results in memory; return the summary:
+                  out: PathArg, **kwargs: Any) -> dict[str, Any]:
+    """Run ``scan`` into the store ``out`` (required: the results are kept nowhere else) to the
+    end without keeping them in memory; return the summary:
     ``scored``, ``errors``, ``skipped``, ``seconds``, ``images_per_s``, ``model``, ``out``..."""
     stats: dict[str, Any] = {}
     for _ in scan(paths, detector, out=out, stats=stats, **kwargs):

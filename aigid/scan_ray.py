@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from aigid.data.dataset import stack_images
-from aigid.store import ResultRow, ResultStore, decode_id
+from aigid.store import ResultRow, ResultStore, check_threshold, decode_id
 
 __all__ = ["scan_ray"]
 
@@ -154,7 +154,7 @@ def _units(paths: Sequence[PathArg], store: Optional[ResultStore], model: str,
 
 
 def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
-             out: PathArg = "results.sqlite", batch_size: int = 64,
+             out: PathArg, batch_size: int = 64,
              num_gpus_per_actor: Optional[float] = None, concurrency: Optional[int] = None,
              decode_threads: int = 4, resume: bool = True, retry_errors: bool = False,
              threshold: float = 0.5, export: Optional[PathArg] = None, progress: bool = True,
@@ -162,6 +162,8 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
     """Score everything under ``paths`` on Ray actors into the SQLite store ``out``; the summary.
 
     ``detector_dir``: a detector folder (or shipped name) every node can load.
+    ``out``: the results file; the driver holds its writer lock for the whole run (see
+    ``aigid.store``), so a second scan into it is refused.
     ``num_gpus_per_actor``: 1 when this machine has CUDA, else 0 (CPU actors).
     ``concurrency``: actors (default: one per GPU in the cluster, or 1 on CPU).
     Starts a local Ray (``ray.init(**ray_init)``) unless one is already running.
@@ -175,6 +177,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
         raise ValueError("scan_ray: no paths given")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    threshold = check_threshold(threshold)
     gpus = (1 if torch.cuda.is_available() else 0) if num_gpus_per_actor is None else num_gpus_per_actor
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
@@ -196,7 +199,8 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
         try:
             rows, enum_errors, skipped = _units(paths, store if resume else None, model, retry_errors)
             now = time.time()
-            store.write(ResultRow(i, model, None, None, None, None, r, now) for i, r in enum_errors)
+            store.write(ResultRow(i, model, None, None, None, None, r, now, run)
+                        for i, r in enum_errors)
             counts["errors"] += len(enum_errors)
             if rows:
                 ds = ray.data.from_items(rows).map_batches(
@@ -209,9 +213,8 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
                     now = time.time()
                     recs = block.to_pylist()
                     store.write(ResultRow(decode_id(r["id"]), model, r["hash"], r["size"],
-                                          r["score"],
-                                          None if r["score"] is None else int(r["score"] >= threshold),
-                                          r["error"], now) for r in recs)
+                                          r["score"], None, r["error"], now, run)
+                                for r in recs)  # labels are derived on read (this threshold)
                     n_err = sum(r["error"] is not None for r in recs)
                     counts["errors"] += n_err
                     counts["scored"] += len(recs) - n_err
@@ -225,6 +228,6 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
                        "gpus_per_actor": gpus, "complete": finished, "out": os.fspath(out)}
             store.finish_run(run, summary)
         if export is not None:
-            summary["exported"] = store.export(export, model=model)
+            summary["exported"] = store.export(export, model=model, threshold=threshold)
             summary["export"] = os.fspath(export)
     return summary

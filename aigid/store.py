@@ -1,15 +1,37 @@
-"""The results store of ``aigid scan``: one SQLite file, safe to kill at any moment.
+"""The results store of ``aigid scan``: one SQLite file, one writer, safe to kill at any moment.
 
-Tables::
+Tables (schema version 1)::
 
-    results(id, model, hash, size, score, label, error, time)   PRIMARY KEY (id, model)
+    results(id, model, hash, size, score, error, time, run)   PRIMARY KEY (id, model)
     runs(run, model, detector, preprocess, threshold, version, decoder, paths, started, finished,
          summary)
 
-Several detectors may share one file: a row is keyed by (item id, model fingerprint). The file is
-in WAL mode with ``synchronous=NORMAL`` and every ``write`` is one transaction, so a killed process
-loses at most the batch it had not committed yet -- never half of one -- and readers (resume
-checks in worker processes, ``aigid export``) never block the writer.
+Several detectors may share one file: a row is keyed by (item id, model fingerprint), and
+``results.run`` names the run that scored it. Labels are not stored: a reader derives
+``label = score >= threshold`` with the threshold asked for (``rows(threshold=)``,
+``export(threshold=)``) or, by default, the threshold of the latest run of that model -- so a
+rescan with a new threshold relabels every stored row without rescoring one.
+
+Ownership: a file is ours when ``PRAGMA application_id`` is ``APPLICATION_ID`` and
+``user_version`` is the schema version. Before anything is written, an existing file is
+inspected read-only: an empty SQLite file (or none) is initialised; a file of aigid before the
+marks (version 0: ``results`` with a ``label`` column) is migrated in one transaction; anything
+else -- another program's SQLite file, a file that is not SQLite, a newer aigid schema -- is
+refused with ``StoreError`` and left byte-identical (no tables, no WAL switch).
+
+One writer: a writable ``ResultStore`` holds an exclusive ``flock`` on ``<file>.lock`` until it is
+closed; a second writer gets ``StoreLockedError`` at once. The OS drops the lock when the
+holder dies (``kill -9`` included), so a stale ``.lock`` file never blocks anyone. Readers
+(``ResultStore(path, readonly=True)``, ``DoneFilter``) take no lock and never block the writer.
+
+Durability and files: the database is in WAL mode with ``synchronous=NORMAL`` and every ``write``
+is one transaction, so a killed process loses at most the batch it had not committed yet. While
+a store is open for writing, these files exist beside ``results.sqlite``: ``results.sqlite-wal``
+(the latest commits, not yet copied into the main file), ``results.sqlite-shm`` (the WAL index)
+and ``results.sqlite.lock``. Copying a results file while a scan runs, or after a scan was
+killed, needs the ``-wal`` too (or open it once with SQLite first, which folds the WAL in). At
+the end of every run and on close the WAL is checkpointed and truncated, so after a finished run
+the main ``.sqlite`` alone holds every row.
 
 Ids that are not valid Unicode text (a non-UTF-8 file name, which ``os.fsdecode`` turns into lone
 surrogates such as ``"caf\\udce9.jpg"``) cannot be UTF-8 encoded, so they are stored as a BLOB of
@@ -21,41 +43,80 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-__all__ = ["ResultRow", "ResultStore", "DoneFilter", "encode_id", "decode_id", "display_id",
-           "EXPORT_FORMATS", "COLUMNS"]
+from aigid.errors import StoreError, StoreLockedError  # noqa: F401  (re-exported)
 
-COLUMNS = ("id", "model", "hash", "size", "score", "label", "error", "time")
+__all__ = ["ResultRow", "ResultStore", "DoneFilter", "WriterLock", "StoreError",
+           "StoreLockedError", "encode_id", "decode_id", "display_id", "label_of",
+           "check_threshold", "EXPORT_FORMATS", "COLUMNS", "APPLICATION_ID", "SCHEMA_VERSION",
+           "DEFAULT_THRESHOLD"]
+
+log = logging.getLogger(__name__)
+
+APPLICATION_ID = 0x61696764  # "aigd": marks a SQLite file as an aigid results store
+SCHEMA_VERSION = 1
+DEFAULT_THRESHOLD = 0.5  # for rows of a model that has no run recording a threshold
+COLUMNS = ("id", "model", "hash", "size", "score", "label", "error", "time")  # of an export
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
              ".pq": "parquet"}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    id TEXT NOT NULL, model TEXT NOT NULL, hash TEXT, size INTEGER, score REAL, label INTEGER,
-    error TEXT, time REAL, PRIMARY KEY (id, model)
+_RESULTS_V1 = """
+CREATE TABLE {name} (
+    id TEXT NOT NULL, model TEXT NOT NULL, hash TEXT, size INTEGER, score REAL, error TEXT,
+    time REAL, run INTEGER REFERENCES runs (run), PRIMARY KEY (id, model)
 );
-CREATE TABLE IF NOT EXISTS runs (
+"""
+_RUNS = """
+CREATE TABLE runs (
     run INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, detector TEXT, preprocess TEXT,
     threshold REAL, version TEXT, decoder TEXT, paths TEXT, started REAL, finished REAL,
     summary TEXT
 );
 """
+_MARK = f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+_CREATE = _RUNS + _RESULTS_V1.format(name="results") + _MARK
+# Version 0 (before the marks) stored a label frozen at scan time; a label is now derived on read.
+_MIGRATE_V0 = (_RESULTS_V1.format(name="results_v1")
+               + "INSERT INTO results_v1 (id, model, hash, size, score, error, time, run) "
+                 "SELECT id, model, hash, size, score, error, time, NULL FROM results;"
+                 "DROP TABLE results; ALTER TABLE results_v1 RENAME TO results;" + _MARK)
+_V0_RESULTS = {"id", "model", "hash", "size", "score", "label", "error", "time"}
+_NEW = -1  # _schema_version of an empty file: initialise it
+
 # On conflict the newer result wins: that is how --retry-errors replaces an error row.
-_UPSERT = ("INSERT INTO results (id, model, hash, size, score, label, error, time) "
+_UPSERT = ("INSERT INTO results (id, model, hash, size, score, error, time, run) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, model) DO UPDATE SET "
-           "hash=excluded.hash, size=excluded.size, score=excluded.score, label=excluded.label, "
-           "error=excluded.error, time=excluded.time")
+           "hash=excluded.hash, size=excluded.size, score=excluded.score, error=excluded.error, "
+           "time=excluded.time, run=excluded.run")
+
+
+def label_of(score: float, threshold: float) -> int:
+    """1 (fake) when ``score >= threshold``: the one place that sets the comparison."""
+    return int(score >= threshold)
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float in [0, 1] (scores are probabilities), else ``ValueError``."""
+    t = float(threshold)
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ValueError(f"threshold must be a probability in [0, 1], not {threshold!r}")
+    return t
 
 
 @dataclass
 class ResultRow:
-    """One row of ``results`` (``score``/``label`` are None for an error, ``error`` for a score)."""
+    """One row of ``results`` (``score``/``label`` are None for an error, ``error`` for a score).
+
+    ``label`` is derived when a row is read (``score >= threshold``); ``write`` ignores it.
+    ``run`` is the id of the run that scored the row (None for rows of a version-0 file)."""
     id: str
     model: str
     hash: Optional[str]
@@ -64,6 +125,7 @@ class ResultRow:
     label: Optional[int]
     error: Optional[str]
     time: float
+    run: Optional[int] = None
 
 
 def encode_id(ident: str) -> Union[str, bytes]:
@@ -85,18 +147,90 @@ def display_id(value: Union[str, bytes]) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
+# --------------------------------------------------------------------------- the writer lock
+
+
+class WriterLock:
+    """An exclusive, non-blocking lock on ``<db>.lock`` for as long as a writer has the file.
+
+    ``fcntl.flock`` belongs to the open file, so the OS drops it when the holder exits or is
+    killed; the lock file is removed on release, and an acquirer that opened a file just removed
+    by the previous holder notices (another inode) and takes the new one instead."""
+
+    def __init__(self, db_path: Union[str, os.PathLike]):
+        self.db_path = os.fspath(db_path)
+        self.path = self.db_path + ".lock"
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "WriterLock":
+        import fcntl  # POSIX; aigid's scanning stack (DataLoader fork, DALI) is too
+
+        while self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise StoreError(f"{self.db_path}: cannot create the lock file {self.path}: "
+                                 f"{err.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise StoreLockedError(
+                    f"{self.db_path}: another scan{holder} is writing this results file "
+                    f"(it holds {self.path}); wait for it to end or write to another file") from None
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for the message the next one gets
+                self._fd = fd
+            else:  # the holder released and removed it between our open and flock: retry
+                os.close(fd)
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still locked, so nobody can be holding the old inode
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)  # drops the flock
+        self._fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+# --------------------------------------------------------------------------- opening a file
+
+
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=60,
+        return sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=60,
                                check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a "
-                               "network filesystem?")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
+    return sqlite3.connect(path, timeout=60, check_same_thread=False)
 
 
 def _uri_path(path: str) -> str:
@@ -104,21 +238,125 @@ def _uri_path(path: str) -> str:
     return quote(os.path.abspath(path), safe="/")
 
 
-class ResultStore:
-    """The SQLite results file. Not shared across processes for writing (one writer per file)."""
+def _schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """The aigid schema version of the open file, ``_NEW`` if it is empty, or ``StoreError``."""
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path}: not an aigid results file ({err})") from None
+    if app == APPLICATION_ID:
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path}: written by a newer aigid (results schema {version}; this "
+                             f"version reads up to {SCHEMA_VERSION}): upgrade aigid")
+        if version == SCHEMA_VERSION:
+            return version
+        raise StoreError(f"{path}: unknown aigid results schema version {version}")
+    if app == 0 and version == 0:
+        if not tables:
+            return _NEW
+        if {"results", "runs"} <= tables <= {"results", "runs", "sqlite_sequence"}:
+            cols = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+            if cols == _V0_RESULTS:
+                return 0
+    listed = ", ".join(sorted(tables)) or "none"
+    raise StoreError(f"{path}: an SQLite file of another program (application id {app}, tables: "
+                     f"{listed}); aigid does not write into it: give a new file name")
 
-    def __init__(self, path: Union[str, os.PathLike]):
+
+def _inspect(path: str) -> int:
+    """``_schema_version`` of the file at ``path`` through a read-only connection (touches
+    nothing); ``_NEW`` for a missing file (SQLite reads a zero-byte one as empty)."""
+    if not os.path.exists(path):
+        return _NEW
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: not a file")
+    try:
+        conn = _connect(path, readonly=True)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: cannot open: {err}") from None
+    try:
+        return _schema_version(conn, path)
+    finally:
+        conn.close()
+
+
+class ResultStore:
+    """The SQLite results file: the one writer (``readonly=False``, holds the writer lock until
+    ``close``) or a reader (``readonly=True``: no lock, no writes, files of version 0 read too).
+
+    Raises ``StoreError`` for a file that is not an aigid results file (left untouched),
+    ``StoreLockedError`` while another process writes it, ``FileNotFoundError`` for a missing
+    folder (or, read-only, a missing file)."""
+
+    def __init__(self, path: Union[str, os.PathLike], *, readonly: bool = False):
         self.path = os.fspath(path)
+        self.readonly = readonly
+        self._lock: Optional[WriterLock] = None
+        self.conn: Optional[sqlite3.Connection] = None
+        self.version: Optional[int] = None
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(f"no results file {self.path}")
+            self.version = _inspect(self.path)
+            if self.version == _NEW:
+                raise StoreError(f"{self.path}: empty, not an aigid results file yet")
+            self.conn = _connect(self.path, readonly=True)
+            return
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"folder of the results file does not exist: {parent}")
-        self.conn = _connect(self.path)
-        with self.conn:
-            self.conn.executescript(_SCHEMA)
+        _inspect(self.path)  # refuse a foreign file before the lock file or anything else exists
+        self._lock = WriterLock(self.path).acquire()
+        try:
+            self.conn = _connect(self.path)
+            self.version = self._initialise(_schema_version(self.conn, self.path))  # under the lock
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); is it on "
+                                 "a network filesystem?")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            self.close()
+            raise
+
+    def _initialise(self, version: int) -> int:
+        if version == SCHEMA_VERSION:
+            return version
+        script = _CREATE if version == _NEW else _MIGRATE_V0
+        try:
+            self.conn.executescript(f"BEGIN IMMEDIATE; {script} COMMIT;")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.rollback()
+            raise
+        if version == 0:
+            log.info("%s: migrated the results file to schema %d (labels now follow the "
+                     "threshold in force)", self.path, SCHEMA_VERSION)
+        return SCHEMA_VERSION
 
     # ---- lifecycle -----------------------------------------------------------------------
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the main file and truncate it; False if a reader kept part of it."""
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.debug("%s: a reader is open; the WAL could not be truncated yet", self.path)
+        return not busy
+
     def close(self) -> None:
-        self.conn.close()
+        try:
+            if self.conn is not None:
+                try:
+                    if not self.readonly and self.version is not None:
+                        self.checkpoint()
+                finally:
+                    self.conn.close()
+        finally:
+            self.conn = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "ResultStore":
         return self
@@ -128,8 +366,9 @@ class ResultStore:
 
     # ---- writing -------------------------------------------------------------------------
     def write(self, rows: Iterable[ResultRow]) -> int:
-        """Insert or replace ``rows`` in one transaction (all or nothing); returns the count."""
-        values = [(encode_id(r.id), r.model, r.hash, r.size, r.score, r.label, r.error, r.time)
+        """Insert or replace ``rows`` in one transaction (all or nothing); returns the count.
+        The rows' ``label`` is not stored: readers derive it from the score."""
+        values = [(encode_id(r.id), r.model, r.hash, r.size, r.score, r.error, r.time, r.run)
                   for r in rows]
         with self.conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
             self.conn.executemany(_UPSERT, values)
@@ -138,7 +377,8 @@ class ResultStore:
     def start_run(self, model: str, *, detector: Any = None, preprocess: Any = None,
                   threshold: Optional[float] = None, decoder: Optional[str] = None,
                   paths: Sequence[str] = ()) -> int:
-        """Record what this run uses (detector, preprocessing, threshold, version...); its id."""
+        """Record what this run uses (detector, preprocessing, threshold, version...); its id.
+        From now on its threshold is the one in force for ``model``'s labels."""
         from aigid import __version__
 
         with self.conn:
@@ -150,9 +390,11 @@ class ResultStore:
         return int(cur.lastrowid)
 
     def finish_run(self, run: int, summary: dict[str, Any]) -> None:
+        """Record the summary, then checkpoint: the main file alone now holds the whole run."""
         with self.conn:
             self.conn.execute("UPDATE runs SET finished=?, summary=? WHERE run=?",
                               (time.time(), _json(summary), run))
+        self.checkpoint()
 
     # ---- reading -------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
@@ -165,6 +407,14 @@ class ResultStore:
                 rec[key] = json.loads(rec[key]) if rec[key] is not None else None
             out.append(rec)
         return out
+
+    def thresholds(self) -> dict[str, float]:
+        """The threshold in force per model: that of its latest run that recorded one."""
+        return dict(self.conn.execute(
+            "SELECT model, threshold FROM runs WHERE threshold IS NOT NULL ORDER BY run"))
+
+    def threshold(self, model: str) -> float:
+        return self.thresholds().get(model, DEFAULT_THRESHOLD)
 
     def models(self) -> list[str]:
         return [m for (m,) in self.conn.execute("SELECT DISTINCT model FROM results ORDER BY model")]
@@ -196,31 +446,46 @@ class ResultStore:
     def done_filter(self, model: str, *, include_errors: bool = True) -> "DoneFilter":
         return DoneFilter(self.path, model, include_errors=include_errors)
 
-    def rows(self, model: Optional[str] = None) -> Iterator[ResultRow]:
-        """All rows (of one model), ordered by model then id, streamed."""
+    def rows(self, model: Optional[str] = None, *,
+             threshold: Optional[float] = None) -> Iterator[ResultRow]:
+        """All rows (of one model), ordered by model then id, streamed; ``label`` is
+        ``score >= threshold``, by default with the threshold in force for each row's model."""
+        in_force = self.thresholds() if threshold is None else {}
+        if threshold is not None:
+            threshold = check_threshold(threshold)
+        run = "run" if self.version == SCHEMA_VERSION else "NULL"  # a version-0 file, read-only
         where, args = _where(model, None)
-        cur = self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM results{where} "
-                                "ORDER BY model, id", args)
-        for row in cur:
-            yield ResultRow(decode_id(row[0]), *row[1:])
+        cur = self.conn.execute(f"SELECT id, model, hash, size, score, error, time, {run} "
+                                f"FROM results{where} ORDER BY model, id", args)
+        for ident, mod, digest, size, score, error, when, run_id in cur:
+            t = threshold if threshold is not None else in_force.get(mod, DEFAULT_THRESHOLD)
+            label = None if score is None else label_of(score, t)
+            yield ResultRow(decode_id(ident), mod, digest, size, score, label, error, when, run_id)
 
     # ---- export --------------------------------------------------------------------------
     def export(self, path: Union[str, os.PathLike], format: Optional[str] = None,
-               model: Optional[str] = None) -> int:
+               model: Optional[str] = None, *, threshold: Optional[float] = None) -> int:
         """Write the results (of one model, or all) as JSONL, CSV or Parquet; returns the count.
 
         ``format=None`` takes it from the suffix (.jsonl/.ndjson, .csv, .parquet/.pq). Ids are
         shown with ``display_id``; scores are the stored float64s (CSV writes ``repr``, exact).
+        ``label`` is ``score >= threshold``; ``threshold=None``: each model's threshold in force
+        (that of its latest run).
         """
         path = os.fspath(path)
         fmt = format or _SUFFIXES.get(os.path.splitext(path)[1].lower())
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"cannot tell the export format of {path!r}: give format= one of "
                              f"{EXPORT_FORMATS} or use a .jsonl, .csv or .parquet suffix")
+        if threshold is not None:
+            threshold = check_threshold(threshold)
         if model is not None and model not in self.models():
             raise ValueError(f"no results for model {model!r} in {self.path} "
                              f"(models: {self.models()})")
-        rows = (_export_dict(r) for r in self.rows(model))
+        if threshold is None:
+            log.info("%s: labels = score >= the latest run's threshold per model %s", path,
+                     self.thresholds())
+        rows = (_export_dict(r) for r in self.rows(model, threshold=threshold))
         return {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}[fmt](path, rows)
 
 
@@ -271,11 +536,9 @@ def _json(value: Any) -> Optional[str]:
 
 
 def _export_dict(row: ResultRow) -> dict[str, Any]:
-    rec = dict(row.__dict__)
+    rec = {k: getattr(row, k) for k in COLUMNS}
     rec["id"] = display_id(encode_id(row.id))
     return rec
-
-
 def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:

@@ -43,11 +43,24 @@ def test_load_vae_missing_folder(tmp_path):
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
-    from aigid import demo
-
-    summary = demo.run_demo(str(tmp_path), steps=4, per_photo=4, vae_steps=3, progress=False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--vae-steps", "3", "--per-photo", "4",
+                 "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "held-out" in text and "toy detector" in text
-    assert summary["val"]["overall"]["n"] == 24  # 3 held-out photos x 4 crops x 2 classes
-    assert sorted(os.listdir(tmp_path / "data" / "train")) == ["fake", "real"]
-    assert (tmp_path / "detector" / "model.safetensors").exists()
+    assert "held-out" in text and "toy detector" in text and "aigid train DATA --pretrained" in text
+    assert sorted(os.listdir(out / "data" / "train")) == ["fake", "real"]
+    assert (out / "detector" / "model.safetensors").exists()
+    summary = json.loads((out / "detector" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["val"]["overall"]["n"] == 24  # 3 held-out photos x 4 crops x 2
+
+
+def test_demo_report_reads_the_numbers_honestly():
+    from aigid.demo import chance_band, demo_report
+
+    band = chance_band(120, 120)
+    assert 0.07 < band < 0.08  # 2 sd of a signal-free AUROC with 120 + 120 crops
+    m = {"n": 240, "n_real": 120, "n_fake": 120, "acc": 0.4, "real_acc": 0.5, "fake_acc": 0.3, "ap": 0.4}
+    below = demo_report({"val": {"overall": {**m, "auroc": 0.365}}, "steps": 4}, "o")
+    assert "below chance" in below and "near chance" not in below
+    assert "within chance" in demo_report({"val": {"overall": {**m, "auroc": 0.52}}, "steps": 4}, "o")
+    assert "above chance" in demo_report({"val": {"overall": {**m, "auroc": 0.7}}, "steps": 4}, "o")

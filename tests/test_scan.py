@@ -169,16 +169,15 @@ def test_cli_scan_and_export(detector_dir, corpus, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["exported"] == len(expected)
 
 
-def test_cli_usage_errors(detector_dir, corpus, tmp_path):
+def test_cli_usage_errors(detector_dir, corpus, tmp_path, capsys):
     root, _ = corpus
-    with pytest.raises(SystemExit) as err:
-        main(["scan", str(root), "--detector", str(tmp_path / "nope"), "--out", str(tmp_path / "r.sqlite")])
-    assert err.value.code not in (0, None)
-    with pytest.raises(SystemExit) as err:
-        main(["scan", str(tmp_path / "typo"), "--detector", str(detector_dir)])
-    assert "no such path" in str(err.value.code)
-    with pytest.raises(SystemExit) as err:
-        main(["export", str(tmp_path / "missing.sqlite"), str(tmp_path / "x.csv")])
-    assert "no results file" in str(err.value.code)
-    with pytest.raises(SystemExit):
+    code = main(["scan", str(root), "--detector", str(tmp_path / "nope"), "--out", str(tmp_path / "r.sqlite")])
+    assert code == 2 and str(tmp_path / "nope") in capsys.readouterr().err
+    assert main(["scan", str(tmp_path / "typo"), "--detector", str(detector_dir)]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.sqlite"), str(tmp_path / "x.csv")]) == 2
+    assert "no such results file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # argparse's own usage errors exit 2
         main(["scan", str(root), "--detector", str(detector_dir), "--decoder", "magic"])
+    assert err.value.code == 2
+    assert not (tmp_path / "r.sqlite").exists()

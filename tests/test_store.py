@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from aigid.store import DoneFilter, ResultRow, ResultStore, display_id, encode_id
+from aigid.store import COLUMNS, DoneFilter, ResultRow, ResultStore, display_id, encode_id
 
 NONUTF8 = os.fsdecode(b"/data/caf\xe9.jpg")  # what os.fsdecode makes of a Latin-1 file name
 
@@ -100,7 +100,8 @@ def test_runs_record_what_was_used(store):
 
 
 def _expected(store, model=None):
-    return [{**r.__dict__, "id": display_id(encode_id(r.id))} for r in store.rows(model)]
+    return [{**{k: getattr(r, k) for k in COLUMNS}, "id": display_id(encode_id(r.id))}
+            for r in store.rows(model)]
 
 
 def test_export_jsonl(store, tmp_path):

@@ -114,8 +114,8 @@ def test_scan_and_eval_record_an_unparsed_answer_as_an_error(tiny, tmp_path, mon
         scan_to_store([str(tmp_path / "data")], tiny, out=str(db), num_workers=0, progress=False,
                       batch_size=4)
         with sqlite3.connect(db) as conn:
-            got = conn.execute("SELECT score, label, error FROM results ORDER BY id").fetchall()
-        assert sorted(got, key=str) == sorted([(1.0, 1, None), (None, None, NO_VERDICT)] * 2, key=str)
+            got = conn.execute("SELECT score, error FROM results ORDER BY id").fetchall()
+        assert sorted(got, key=str) == sorted([(1.0, None), (None, NO_VERDICT)] * 2, key=str)
         report = evaluate(tiny, str(tmp_path / "data"), progress=False, batch_size=4)
         assert report["protocol"]["verdict"] == "text" and report["protocol"]["n_scored"] == 2
         assert sum(e["error"] == NO_VERDICT for e in report["errors"]) == 2

@@ -117,7 +117,7 @@ def test_our_saved_folder_also_takes_a_checkpoint(tmp_path):
     assert torch.equal(again.connector.fc1.weight, model.connector.fc1.weight)
 
 
-def test_cli_scan_of_a_headless_base_is_one_line_and_checkpoint_fixes_it(tmp_path):
+def test_cli_scan_of_a_headless_base_is_one_line_and_checkpoint_fixes_it(tmp_path, capsys):
     from aigid.cli import main
     src, folder = _base_folder(tmp_path)
     save_file({k: v for k, v in _state(src).items() if k.startswith(HEADS)}, str(tmp_path / "heads.safetensors"))
@@ -131,8 +131,10 @@ def test_cli_scan_of_a_headless_base_is_one_line_and_checkpoint_fixes_it(tmp_pat
     Image.new("RGB", (40, 32), (10, 200, 30)).save(tmp_path / "imgs" / "a.png")
     args = ["scan", str(tmp_path / "imgs"), "--detector", str(tmp_path / "saved"), "--out",
             str(tmp_path / "r.sqlite"), "--workers", "0", "--quiet", "--device", "cpu"]
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    msg = str(exc.value.code)
-    assert msg.startswith("aigid scan:") and "fake_cls_head" in msg and "\n" not in msg
+    assert main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # the load's warning, then the error
+    err = lines[-1]
+    assert err.startswith("aigid scan:") and "fake_cls_head" in err and "--checkpoint" in err
+    assert not any(line.startswith("aigid scan:") for line in lines[:-1])
+    assert not any("Traceback" in line for line in lines)
     assert main(args + ["--checkpoint", str(tmp_path / "heads.safetensors")]) == 0

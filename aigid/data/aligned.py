@@ -3,8 +3,8 @@
 Each fake differs from its real twin only by what the autoencoder of a latent diffusion model
 leaves behind, so a detector trained on such pairs must learn the generator's fingerprint and not
 the content. Point ``make_aligned`` at any diffusers ``AutoencoderKL`` (a local folder or a hub id
-already in the cache, e.g. the Stable Diffusion VAE); ``fit_tiny_vae`` trains a small one on the
-spot for offline demos.
+already in the cache, e.g. the Stable Diffusion VAE; downloaded only with ``download=True``);
+``fit_tiny_vae`` trains a small one on the spot for offline demos.
 """
 from __future__ import annotations
 
@@ -29,15 +29,55 @@ def _to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def load_vae(name_or_path: str, device: str = "cpu"):
-    """A diffusers ``AutoencoderKL`` from a local folder (or a hub id already cached)."""
-    from diffusers import AutoencoderKL
+def _cached_folder(repo_id: str) -> Optional[str]:
+    """The local snapshot folder holding a hub repo's VAE (its root or a pipeline's ``vae/``), or
+    None when its config is not in the hub cache. Filesystem only: a hub id goes to diffusers as
+    this folder, since even ``local_files_only`` hub calls build request headers, and
+    huggingface_hub 2.x may then fetch its agent registry from the hub."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
 
-    kwargs = {"subfolder": "vae"} if os.path.isdir(os.path.join(name_or_path, "vae")) else {}
-    try:
-        return AutoencoderKL.from_pretrained(name_or_path, **kwargs).to(device).eval()
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"cannot load a VAE from {name_or_path!r}: {err}") from err
+    for name in ("config.json", "vae/config.json"):
+        try:  # cache_dir explicit: old hubs bind their default at import
+            hit = try_to_load_from_cache(repo_id, name, cache_dir=HF_HUB_CACHE)
+        except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
+            return None
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return os.path.dirname(hit)
+    return None
+
+
+def load_vae(name_or_path: str, device: str = "cpu", download: bool = False):
+    """A diffusers ``AutoencoderKL`` from a local folder, or a hub id already in the local cache.
+
+    Nothing is fetched unless ``download=True`` (the CLI's ``--allow-download``); a pipeline repo or
+    folder with the VAE in ``vae/`` is accepted either way.
+    """
+    if os.path.isdir(name_or_path):
+        folder = name_or_path
+    else:
+        folder = _cached_folder(name_or_path) if name_or_path.count("/") == 1 else None
+        if folder is None and not download:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise FileNotFoundError(
+                f"VAE {name_or_path!r} is neither a local folder nor a hub id in the cache "
+                f"({HF_HUB_CACHE}); pass --allow-download (download=True) to fetch it")
+    from diffusers import AutoencoderKL  # after the checks above: its import alone takes seconds
+
+    if folder is not None:
+        sources = [(folder, {"subfolder": "vae"} if os.path.isdir(os.path.join(folder, "vae")) else {})]
+    else:  # download allowed: a VAE repo, else a pipeline's vae/
+        sources = [(name_or_path, {}), (name_or_path, {"subfolder": "vae"})]
+    err: Exception = FileNotFoundError(name_or_path)
+    for source, kwargs in sources:
+        try:
+            vae = AutoencoderKL.from_pretrained(source, local_files_only=not download, **kwargs)
+            return vae.to(device).eval()
+        except (OSError, ValueError) as e:
+            err = e
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise FileNotFoundError(f"cannot load a VAE from {name_or_path!r}: {first_line}") from err
 
 
 @torch.no_grad()
@@ -86,16 +126,17 @@ def _images_under(root: str) -> Iterable[str]:
 
 
 def make_aligned(real_dir: str, out_dir: str, vae, paths: Optional[Sequence[str]] = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, download: bool = False) -> dict:
     """Write the VAE reconstruction of every image under ``real_dir`` to ``out_dir`` as PNG.
 
     The relative layout is kept (``a/b.jpg`` → ``a/b.png``). Unreadable files are listed with a
-    reason in ``out_dir/errors.jsonl`` and skipped. Returns counts.
+    reason in ``out_dir/errors.jsonl`` and skipped. ``vae``: a model, or a name for
+    :func:`load_vae` (``download`` is passed on). Returns counts.
     """
     from tqdm.auto import tqdm
 
     if isinstance(vae, str):
-        vae = load_vae(vae)
+        vae = load_vae(vae, download=download)
     os.makedirs(out_dir, exist_ok=True)
     written, errors = 0, []
     for path in tqdm(list(paths or _images_under(real_dir)), desc="aligned fakes", disable=not progress):

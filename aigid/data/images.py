@@ -2,23 +2,41 @@
 
 Handles EXIF orientation, palette/alpha/CMYK/16-bit/grayscale modes (to 8-bit RGB), the first
 frame of animations, and refuses decompression bombs (declared size above PIL's pixel limit)
-before decoding any pixel.
+before decoding any pixel. ``to_rgb_image`` takes anything ``predict`` accepts as one image
+(a path, bytes, a binary file, a PIL image of any mode, a uint8 array or tensor) and sends it
+through the same conversion as a file on disk, so every form of one image scores the same.
 """
 from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
-from typing import Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 Source = Union[str, os.PathLike, bytes]
 
+_ENCODED = (bytes, bytearray, memoryview)
+
 
 class ImageError(Exception):
     """An image that cannot be used; ``str(err)`` is the reason recorded for it."""
+
+
+class InputError(ImageError, ValueError):
+    """An item given to ``predict`` that cannot be used: the message names the item (its index
+    and path or kind) and the reason; ``index``, ``item`` and ``reason`` hold them apart."""
+
+    def __init__(self, reason: str, index: Optional[int] = None, item: str = "") -> None:
+        where = f"item {index}" if index is not None else "input"
+        super().__init__(f"{where} ({item}): {reason}" if item else f"{where}: {reason}")
+        self.index, self.item, self.reason = index, item, reason
+
+    def __reduce__(self):  # pickles whole (DataLoader workers, Ray), not re-wrapping the message
+        return type(self), (self.reason, self.index, self.item)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -33,25 +51,119 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _decoded_to_rgb(img: Image.Image) -> Image.Image:
+    """The one conversion every image goes through, from a file or from memory: pixels loaded,
+    EXIF orientation applied, mode converted (alpha composited on white)."""
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    return _to_rgb(img)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb refused: {err}"
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not a recognised image format"
+    return f"cannot decode: {err}"  # truncated/corrupt data
+
+
+_DECODE_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError,
+                  ValueError, EOFError)  # OSError covers missing files and unidentified images
+
+
 def load_rgb(source: Source) -> Image.Image:
-    """Open, orient and convert one image to RGB; raise ``ImageError`` with a reason on failure."""
+    """Open, orient and convert one image to RGB; raise ``ImageError`` with a reason on failure.
+    ``source``: a path, encoded bytes, or a binary file object."""
+    if isinstance(source, io.TextIOBase):
+        raise ImageError("a text-mode file: open it in binary mode ('rb')")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            fp = io.BytesIO(bytes(source)) if isinstance(source, _ENCODED) else source
             with Image.open(fp) as img:
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"decompression bomb refused: {err}") from None
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated/corrupt data
-        raise ImageError(f"cannot decode: {err}") from None
+                return _decoded_to_rgb(img)
+    except _DECODE_ERRORS as err:
+        raise ImageError(_reason(err)) from None
+
+
+def _array_to_pil(arr: np.ndarray, layout: str) -> Image.Image:
+    """A uint8 (H, W) / (H, W, 1|3|4) array (or uint16 (H, W), as a 16-bit PNG decodes) → the PIL
+    image a file with those pixels decodes to."""
+    if arr.dtype == np.uint16 and arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr))  # "I;16", as a 16-bit greyscale file
+    if arr.dtype != np.uint8:
+        raise ImageError(f"{layout} arrays and tensors of dtype {arr.dtype} are not images: give uint8 "
+                         "pixels (0–255), or a float torch tensor already preprocessed (3, H, W)")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr), "L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ImageError(f"a {layout} image must be (H, W) or (H, W, 1|3|4), got {tuple(arr.shape)}")
+
+
+def _is_tensor(item: Any) -> bool:
+    torch = sys.modules.get("torch")  # not imported here: a tensor exists only if torch is loaded
+    return torch is not None and isinstance(item, torch.Tensor)
+
+
+def _tensor_to_array(t: Any) -> np.ndarray:
+    """A uint8 image tensor, (H, W), (C, H, W) or (H, W, C) with C in 1, 3, 4 → (H, W[, C]).
+    torch's own layout (C first) wins when both ends could be channels (e.g. (3, 5, 4))."""
+    if t.dtype.is_floating_point:
+        raise ImageError(f"a float tensor {tuple(t.shape)} is not an image: give uint8 pixels (0–255)")
+    arr = t.detach().cpu().numpy()
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+        return arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"a uint8 image tensor must be (C, H, W) or (H, W, C) with C in 1, 3, 4, "
+                         f"got {tuple(arr.shape)}")
+    return arr
+
+
+def describe(item: Any) -> str:
+    """A short name for one input in messages: its path, or its kind and shape."""
+    if isinstance(item, (str, os.PathLike)):
+        return repr(os.fspath(item))
+    if isinstance(item, _ENCODED):
+        return f"{len(item)} bytes"
+    if isinstance(item, Image.Image):
+        return f"PIL image {item.mode} {item.size[0]}x{item.size[1]}"
+    if isinstance(item, np.ndarray):
+        return f"numpy array {tuple(item.shape)} {item.dtype}"
+    if _is_tensor(item):
+        return f"tensor {tuple(item.shape)} {str(item.dtype).removeprefix('torch.')}"
+    name = getattr(item, "name", None)
+    if hasattr(item, "read"):
+        return f"file {name!r}" if isinstance(name, (str, bytes)) else "file object"
+    return type(item).__name__
+
+
+def to_rgb_image(item: Any) -> Image.Image:
+    """One image in any form ``predict`` accepts → an RGB PIL image, converted exactly as the same
+    pixels in a file on disk would be (``load_rgb``); raise ``ImageError`` with a reason.
+
+    Accepted: a path (str / PathLike), encoded bytes, a binary file object, a PIL image of any
+    mode (EXIF orientation applied, alpha composited on white, palettes looked up, 16-bit scaled),
+    a numpy array (H, W) or (H, W, 1|3|4) of uint8 (or (H, W) uint16), a uint8 torch tensor
+    (C, H, W) / (H, W, C) / (H, W)."""
+    if isinstance(item, (str, os.PathLike, *_ENCODED)) or hasattr(item, "read"):
+        return load_rgb(item)
+    if isinstance(item, Image.Image):
+        try:  # a lazily opened image may first decode here
+            return _decoded_to_rgb(item)
+        except _DECODE_ERRORS as err:
+            raise ImageError(_reason(err)) from None
+    if isinstance(item, np.ndarray):
+        return _to_rgb(_array_to_pil(item, "numpy"))
+    if _is_tensor(item):
+        return _to_rgb(_array_to_pil(_tensor_to_array(item), "tensor"))
+    raise ImageError(f"unsupported input type {type(item).__name__}: give a path, bytes, a binary "
+                     "file, a PIL image, a uint8 numpy array or tensor, or preprocessed pixels")

@@ -11,21 +11,27 @@ so both see one pixel scale (our assumption).
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Callable, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Literal, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
 from aigid.data.bagel_resize import BagelResize
-from aigid.data.images import load_rgb
+from aigid.data.images import ImageError, InputError, describe, to_rgb_image
+
+log = logging.getLogger(__name__)
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
            "nearest": T.InterpolationMode.NEAREST}
 
 Transform = Callable[[Image.Image], torch.Tensor]
-ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, Sequence]
+ImageInput = Union[torch.Tensor, np.ndarray, Image.Image, str, os.PathLike, bytes, BinaryIO, Sequence]
+_SINGLE = (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)
 
 
 def _resize(pp: dict[str, Any]) -> list:
@@ -65,19 +71,124 @@ def train_transform(pp: dict[str, Any]) -> Transform:
                      + _tensor_and_normalise(pp))
 
 
-def to_pixels(images: ImageInput, transform: Transform, device: torch.device) -> torch.Tensor:
-    """What a detector's ``predict`` takes → normalised pixels (N, 3, H, W) on ``device``.
+# ---- what predict takes --------------------------------------------------------------------
 
-    PIL images and paths go through ``transform`` (the detector's own preprocessing); a tensor is
-    taken as already preprocessed ((3, H, W) or (N, 3, H, W)). Unreadable files raise ImageError.
-    """
+Errors = Literal["raise", "skip"]
+MAX_ABS_PIXEL = 32.0  # normalised pixels stay within a few units; raw 0–255 values do not
+
+
+def is_single(images: Any) -> bool:
+    """True when ``images`` is one image rather than a batch or a list of them."""
+    if isinstance(images, _SINGLE) or hasattr(images, "read"):
+        return True
     if isinstance(images, torch.Tensor):
+        return images.ndim == 3 if images.is_floating_point() else images.ndim in (2, 3)
+    return isinstance(images, np.ndarray) and images.ndim in (2, 3)
+
+
+def check_pixels(x: torch.Tensor, *, batch_ok: bool = True) -> None:
+    """Raise ``InputError`` unless float ``x`` looks preprocessed: (3, H, W) (or, with
+    ``batch_ok``, (N, 3, H, W)), normalised (no value beyond ``MAX_ABS_PIXEL``)."""
+    dims = (3, 4) if batch_ok else (3,)
+    if x.ndim not in dims or x.shape[-3] != 3:
+        want = "(3, H, W) or (N, 3, H, W)" if batch_ok else "(3, H, W) per item of a list"
+        hint = " (channels last?)" if x.ndim in (3, 4) and x.shape[-1] == 3 else ""
+        raise InputError(f"a float tensor is taken as pixels already preprocessed by the detector, "
+                         f"{want}; got {tuple(x.shape)}{hint}. Give uint8 pixels (C, H, W) / "
+                         f"(H, W, C), a PIL image or a path to have them preprocessed")
+    peak = x.detach().abs().amax().item() if x.numel() else 0.0
+    if peak > MAX_ABS_PIXEL:
+        raise InputError(f"a float tensor is taken as preprocessed (normalised) pixels, but its values "
+                         f"reach {peak:.4g}: give raw 0–255 pixels as uint8 to have them preprocessed")
+
+
+@dataclass
+class Prepared:
+    """The usable items of one ``predict`` call as pixels, and why the others were left out."""
+
+    pixels: Union[torch.Tensor, list[torch.Tensor]]  # usable items in input order; a given batch as is
+    kept: list[int]                                  # their indices in the input
+    errors: dict[int, str]                           # index → reason, for the items left out
+    count: int                                       # items given
+
+    def stacked(self, device: Union[str, torch.device]) -> torch.Tensor:
+        """One (M, 3, H, W) batch on ``device``; (0, 3, 0, 0) when no item was usable."""
+        if isinstance(self.pixels, torch.Tensor):
+            return self.pixels.to(device)
+        if not self.pixels:
+            return torch.empty(0, 3, 0, 0, device=device)
+        sizes = sorted({tuple(p.shape) for p in self.pixels})
+        if len(sizes) > 1:
+            raise InputError(f"preprocessed images of different sizes {sizes} cannot form one batch")
+        return torch.stack([p.to(device) for p in self.pixels])
+
+    def scatter(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores of the kept items → one per input item, NaN where an item was left out."""
+        if not self.errors:
+            return scores
+        out = torch.full((self.count,), float("nan"), dtype=scores.dtype)
+        out[self.kept] = scores.to(out.device)
+        return out
+
+
+def _items(images: Any) -> list:
+    if is_single(images):
+        return [images]
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        if images.ndim == 4:  # a batch of images: (N, C, H, W) / (N, H, W, C)
+            return list(images)
+        raise InputError(f"expected one image or a batch of them, got an array of shape {tuple(images.shape)}")
+    try:
+        return list(images)
+    except TypeError:  # one item of a kind we do not take: its own error names it
+        return [images]
+
+
+def _item_pixels(item: Any, transform: Transform) -> torch.Tensor:
+    if isinstance(item, torch.Tensor) and item.is_floating_point():
+        check_pixels(item, batch_ok=False)
+        return item
+    return transform(to_rgb_image(item))
+
+
+def prepare(images: ImageInput, transform: Transform, *, errors: Errors = "raise") -> Prepared:
+    """What a detector's ``predict`` takes → per-item pixels (not moved to a device).
+
+    One image or a list of them, each a path, bytes, a binary file object, a PIL image (any mode),
+    a uint8 numpy array (H, W[, C]) or a uint8 tensor ((C, H, W) / (H, W, C)), all decoded as the
+    same file on disk is (``aigid.data.images.to_rgb_image``) and sent through ``transform``; or a
+    uint8 batch (N, ...). A float tensor is taken as already preprocessed: (3, H, W) or
+    (N, 3, H, W) (kept as given), or (3, H_i, W_i) items of a list.
+
+    ``errors="raise"`` (default): the first unusable item raises ``InputError`` naming its index,
+    its path or kind, and the reason. ``errors="skip"``: it is left out (``Prepared.errors`` holds
+    the reason, a warning is logged). A malformed float batch raises in both modes."""
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        check_pixels(images)
         batch = images if images.ndim == 4 else images[None]
-    else:
-        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
-        if not items:
-            raise ValueError("no images given")
-        batch = torch.stack([transform(im if isinstance(im, Image.Image) else load_rgb(im)) for im in items])
-    if batch.ndim != 4 or batch.shape[1] != 3:
-        raise ValueError(f"pixels must be (N, 3, H, W), got {tuple(batch.shape)}")
-    return batch.to(device)
+        return Prepared(batch, list(range(len(batch))), {}, len(batch))
+    items = _items(images)
+    if not items:
+        raise ValueError("no images given")
+    pixels, kept, failed = [], [], {}
+    for i, item in enumerate(items):
+        try:
+            pixels.append(_item_pixels(item, transform))
+            kept.append(i)
+        except ImageError as err:
+            reason = err.reason if isinstance(err, InputError) else str(err)
+            if errors == "raise":
+                raise InputError(reason, i, describe(item)) from None
+            log.warning("aigid: skipped item %d (%s): %s", i, describe(item), reason)
+            failed[i] = reason
+    return Prepared(pixels, kept, failed, len(items))
+
+
+def to_pixels(images: ImageInput, transform: Transform, device: Union[str, torch.device],
+              errors: Errors = "raise") -> torch.Tensor:
+    """What a detector's ``predict`` takes (see ``prepare``) → normalised pixels (N, 3, H, W) on
+    ``device``. With ``errors="skip"`` the unusable items are left out of the batch (a warning
+    each); ``prepare`` says which."""
+    return prepare(images, transform, errors=errors).stacked(device)

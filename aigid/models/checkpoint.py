@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["LoadReport", "load_state_dict_dir", "load_into", "save_state_dict"]
+__all__ = ["LoadReport", "load_state_dict_dir", "load_into", "save_state_dict", "apply_umask"]
 
 PathLike = Union[str, os.PathLike]
 _PREFERRED = ("ema.safetensors", "model.safetensors")
@@ -139,3 +139,28 @@ def save_state_dict(path: PathLike, state: dict[str, torch.Tensor]) -> None:
         out[k] = t
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata={"format": "pt"})
+    apply_umask(path)
+
+
+def _umask() -> int:
+    try:  # Linux ≥ 4.7 reports it without the set-and-restore race of os.umask
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: PathLike) -> None:
+    """Give a written file the mode a plain ``open(path, "w")`` would: ``0o666 & ~umask``.
+
+    ``safetensors.save_file`` (and ``tempfile.mkstemp``) create files 0600, so a detector folder
+    saved by one user could not be read by the service account that scans with it."""
+    try:
+        os.chmod(path, 0o666 & ~_umask())
+    except OSError:  # a file system without POSIX modes: nothing to fix
+        pass

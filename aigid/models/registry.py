@@ -30,12 +30,13 @@ def _arch_of(folder: str) -> str:
 
 
 def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Optional[str] = None,
-                  checkpoint: Optional[str] = None):
+                  checkpoint: Optional[str] = None, download: bool = False):
     """Load a detector saved with ``save_pretrained`` (or a BAGEL/UniGenDet release folder), or
     build a named config: ``mirage-tiny``, ``mirage-vit-l-14``, ``unigendet-tiny``, ``unigendet-bagel-7b``.
 
     ``checkpoint``: fine-tuned weights merged over a UniGenDet/BAGEL base folder (as the public
-    code loads UniGenDet). A named config gives an *untrained* detector (its prompts are random): useful to train
+    code loads UniGenDet). ``download``: MiraGe may fetch a missing backbone tag (never by
+    default: weights are looked up in the local caches only). A named config gives an *untrained* detector (its prompts are random): useful to train
     from, or to measure speed, never to trust its scores.
     """
     if os.path.isdir(name_or_path):
@@ -45,11 +46,14 @@ def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Op
         if checkpoint is not None and arch != "unigendet":
             raise ValueError(f"{name_or_path}: checkpoint= applies to UniGenDet folders only")
         extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+        if arch == "mirage":
+            extra["download"] = download
         model = _ARCHS[arch]().from_pretrained(name_or_path, cache_dir=cache_dir, **extra)
     elif name_or_path.startswith("mirage-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)
-        model = MiraGe(MiraGeConfig.named(name_or_path.removeprefix("mirage-")), cache_dir=cache_dir)
+        model = MiraGe(MiraGeConfig.named(name_or_path.removeprefix("mirage-")), cache_dir=cache_dir,
+                       download=download)
     elif name_or_path.startswith("unigendet-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)

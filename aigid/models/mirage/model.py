@@ -21,11 +21,12 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from aigid import ops
-from aigid.data.transforms import ImageInput, eval_transform, to_pixels
+from aigid.data.transforms import Errors, ImageInput, eval_transform, prepare, to_pixels
+from aigid.models.checkpoint import save_state_dict
 from aigid.models.configs import shipped_config
 from aigid.models.mirage.clip_backbone import build_backbone
 from aigid.models.mirage.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
@@ -65,9 +66,10 @@ class MiraGeConfig:
 
 
 class MiraGe(nn.Module):
-    def __init__(self, config: MiraGeConfig, cache_dir: Optional[str] = None, seed: int = 0):
+    def __init__(self, config: MiraGeConfig, cache_dir: Optional[str] = None, seed: int = 0,
+                 download: bool = False):
         super().__init__()
-        backbone = build_backbone(config.backbone, cache_dir=cache_dir)
+        backbone = build_backbone(config.backbone, cache_dir=cache_dir, download=download)
         config.preprocess = {**backbone.preprocess, **(config.preprocess or {})}
         if not config.prompt_init:
             raise ValueError('prompt_init must be "random" or the words to start θ_0 from')
@@ -140,18 +142,35 @@ class MiraGe(nn.Module):
     def device(self) -> torch.device:
         return self.prompts.text.device
 
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """PIL images / paths / a batch tensor → normalised pixels on this model's device."""
-        return to_pixels(images, self._transform, self.device)
+    def preprocess(self, images: ImageInput, errors: Errors = "raise") -> torch.Tensor:
+        """Images in any form ``predict`` takes → normalised pixels (N, 3, H, W) on this model's
+        device (``errors="skip"`` leaves unusable items out; see ``aigid.data.transforms.prepare``)."""
+        return to_pixels(images, self._transform, self.device, errors=errors)
 
     @torch.no_grad()
-    def predict(self, images: ImageInput) -> torch.Tensor:
-        """P(fake) per image, (N,) float32 on CPU. Tensors must already be preprocessed."""
-        pixels = self.preprocess(images)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda)
-        with autocast:
-            logits = self(pixels)["logits"]
-        return logits.float().softmax(-1)[:, 1].cpu()
+    def predict(self, images: ImageInput, *, errors: Errors = "raise",
+                return_errors: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
+        """P(fake) per image, (N,) float32 on CPU.
+
+        ``images``: one image or a list — paths, bytes, binary file objects, PIL images of any
+        mode, uint8 numpy arrays (H, W[, C]) or uint8 tensors ((C, H, W) / (H, W, C)), each
+        decoded as the same file on disk would be and preprocessed by this detector — or a float
+        tensor of pixels already preprocessed ((3, H, W) / (N, 3, H, W), see ``preprocess``).
+
+        ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
+        naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
+        warning is logged; with ``return_errors=True`` the call returns ``(scores, {index:
+        reason})`` so callers can tell which items were left out and why."""
+        prep = prepare(images, self._transform, errors=errors)
+        scores = torch.zeros(0)
+        if prep.kept:
+            pixels = prep.stacked(self.device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda)
+            with autocast:
+                logits = self(pixels)["logits"]
+            scores = logits.float().softmax(-1)[:, 1].cpu()
+        scores = prep.scatter(scores)
+        return (scores, prep.errors) if return_errors else scores
 
     # ---- checkpoints -----------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -164,21 +183,22 @@ class MiraGe(nn.Module):
         config = asdict(self.config)
         if not self.backbone_has_weights:
             clip_state = {k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}
-            save_file(clip_state, os.path.join(directory, BACKBONE_FILE))
+            save_state_dict(os.path.join(directory, BACKBONE_FILE), clip_state)
             config["backbone"] = {**config["backbone"], "pretrained": None, "weights_file": BACKBONE_FILE}
-        save_file(self.trainable_state_dict(), os.path.join(directory, WEIGHTS_FILE))
+        # save_state_dict, not save_file: the file gets the umask's mode, not safetensors' 0600
+        save_state_dict(os.path.join(directory, WEIGHTS_FILE), self.trainable_state_dict())
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], cache_dir: Optional[str] = None,
-                        map_location: str = "cpu") -> "MiraGe":
+                        map_location: str = "cpu", download: bool = False) -> "MiraGe":
         with open(os.path.join(directory, CONFIG_FILE)) as f:
             raw = json.load(f)
         backbone = dict(raw["backbone"])
         weights_file = backbone.pop("weights_file", None)
         raw["backbone"] = backbone
-        model = cls(MiraGeConfig(**raw), cache_dir=cache_dir)
+        model = cls(MiraGeConfig(**raw), cache_dir=cache_dir, download=download)
         if weights_file:
             model.clip.load_state_dict(load_file(os.path.join(directory, weights_file), device=map_location))
             model.backbone_has_weights = False

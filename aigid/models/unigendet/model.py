@@ -44,8 +44,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from aigid.data.bagel_resize import BagelResize
-from aigid.data.images import load_rgb
-from aigid.data.transforms import ImageInput, eval_transform
+from aigid.data.transforms import Errors, ImageInput, Prepared, eval_transform, is_single, prepare
 from aigid.errors import MissingHeadError
 from aigid.models.checkpoint import load_into, save_state_dict
 from aigid.models.unigendet import flow
@@ -336,18 +335,15 @@ class UniGenDet(nn.Module):
 
     # ---- inputs from images and text ----------------------------------------------------------
     def preprocess(self, images: ImageInput) -> list[torch.Tensor]:
-        """PIL images / paths → per-image VAE images (BAGEL's resize: aspect kept, no crop), each
-        (3, H_i, W_i) normalised to [-1, 1] on this model's device. Tensors are taken as already
-        preprocessed: a (N, 3, H, W) batch, a (3, H, W) image, or a list of (3, H_i, W_i)."""
-        if isinstance(images, torch.Tensor):
-            return [im.to(self.device) for im in (images if images.ndim == 4 else images[None])]
-        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
-        if not items:
-            raise ValueError("no images given")
-        if all(isinstance(im, torch.Tensor) for im in items):
-            return [im.to(self.device) for im in items]
-        return [self._transform(im if isinstance(im, Image.Image) else load_rgb(im)).to(self.device)
-                for im in items]
+        """Images in any form ``predict`` takes → per-image VAE images (BAGEL's resize: aspect
+        kept, no crop), each (3, H_i, W_i) normalised to [-1, 1] on this model's device. Float
+        tensors are taken as already preprocessed: a (N, 3, H, W) batch, a (3, H, W) image, or a
+        list of (3, H_i, W_i). An unusable item raises ``InputError`` naming it."""
+        return self._prepare(images, "raise")[0]
+
+    def _prepare(self, images: ImageInput, errors: Errors) -> tuple[list[torch.Tensor], Prepared]:
+        prep = prepare(images, self._transform, errors=errors)  # shared with MiraGe: same inputs
+        return [im.to(self.device) for im in prep.pixels], prep
 
     def detection_inputs(self, pixels: Images, *, vit_pixels: Optional[Images] = None,
                          latents: Optional[Images] = None, answers: Optional[Sequence[str]] = None,
@@ -376,7 +372,8 @@ class UniGenDet(nn.Module):
         if verdict == "head" and "fake_cls_head" in self.random_heads and not self.allow_random_heads:
             raise MissingHeadError(
                 f"{self.source or 'this UniGenDet'} has no fake_cls_head (a BAGEL base without the "
-                "fine-tuned UniGenDet checkpoint): load it with checkpoint=<fine-tuned weights>, or "
+                "fine-tuned UniGenDet checkpoint): load it with checkpoint=<fine-tuned weights> (CLI: "
+                "--checkpoint), or "
                 "pass allow_random_heads=True to start training from a randomly initialised head")
 
     @torch.no_grad()
@@ -388,25 +385,41 @@ class UniGenDet(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: ImageInput, latents: Optional[Images] = None, *,
-                verdict: Optional[str] = None, max_new_tokens: Optional[int] = None) -> torch.Tensor:
+                verdict: Optional[str] = None, max_new_tokens: Optional[int] = None,
+                errors: Errors = "raise", return_errors: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
         """P(fake) per image, (N,) float32 on CPU.
 
+        ``images``: as MiraGe's ``predict`` takes them (paths, bytes, binary files, PIL images of
+        any mode, uint8 arrays/tensors, each decoded as the same file on disk) or preprocessed
+        float tensors (see ``preprocess``); ``latents``, when given, one per image.
         ``verdict="head"`` (default ``config.verdict``): softmax of ``fake_cls_head``.
         ``verdict="text"``: greedy answer to the question + the public evaluation's format hint,
         parsed as ``eval/det/fakevlm_test.py`` does — 1.0 "fake", 0.0 "real", NaN when the answer
         says neither (the public script leaves such answers out of its accuracy). The paper's
-        accuracy is this mode's."""
+        accuracy is this mode's.
+
+        ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
+        naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
+        warning is logged; ``return_errors=True`` returns ``(scores, {index: reason})``."""
         verdict = verdict or self.config.verdict
         self.check_ready(verdict)
-        pixels = self.preprocess(images)
-        if verdict == "head":
-            return self.detect_logits(pixels, latents).softmax(-1)[:, FAKE_CLASS].cpu()
-        texts = self.explain(pixels, latents=latents, greedy=True,
-                             question=self.config.question + self.config.answer_format_hint,
-                             max_new_tokens=max_new_tokens or self.config.text_max_new_tokens)
-        from aigid.models.unigendet.decode import parse_verdict
-        labels = [parse_verdict(t) for t in ([texts] if isinstance(texts, str) else texts)]
-        return torch.tensor([float("nan") if v is None else float(v) for v in labels])
+        pixels, prep = self._prepare(images, errors)
+        if latents is not None and prep.errors:
+            lat = _as_list(latents)
+            latents = [lat[i] for i in prep.kept]
+        scores = torch.zeros(0)  # stays empty when no item was usable (errors="skip")
+        if pixels and verdict == "head":
+            scores = self.detect_logits(pixels, latents).softmax(-1)[:, FAKE_CLASS].cpu()
+        elif pixels:
+            texts = self.explain(pixels, latents=latents, greedy=True,
+                                 question=self.config.question + self.config.answer_format_hint,
+                                 max_new_tokens=max_new_tokens or self.config.text_max_new_tokens)
+            from aigid.models.unigendet.decode import parse_verdict
+            labels = [parse_verdict(t) for t in texts]
+            scores = torch.tensor([float("nan") if v is None else float(v) for v in labels])
+        scores = prep.scatter(scores)
+        return (scores, prep.errors) if return_errors else scores
 
     @torch.no_grad()
     def explain(self, images: ImageInput, max_new_tokens: int = 256, temperature: float = 0.7,
@@ -418,8 +431,7 @@ class UniGenDet(nn.Module):
         With ``use_cache`` (default) the image and question are run once and each new token reads
         the stored keys/values (``aigid.models.unigendet.decode``); ``use_cache=False`` re-runs
         the whole pack per token (the reference; same tokens)."""
-        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
-            isinstance(images, torch.Tensor) and images.ndim == 3)
+        single = is_single(images)
         pixels = self.preprocess(images)
         det = self.detection_inputs(pixels, latents=latents, answers=[""] * len(pixels),
                                     close_answer=False, question=question)
