@@ -13,9 +13,18 @@ __version__ = "0.1.0"
 # The functions are bound after their same-named submodules are imported, so `aigid.train` and
 # `aigid.evaluate` are the callables, not the modules.
 from aigid.evaluate import evaluate  # noqa: E402
-from aigid.models.mirage import MiraGe, MiraGeConfig  # noqa: E402
 from aigid.models.registry import load_detector  # noqa: E402
 from aigid.scan import scan  # noqa: E402
 from aigid.train import TrainConfig, train  # noqa: E402
+
+
+
+def __getattr__(name: str):
+    # The detector classes load open_clip and torchvision (~1 s): only when first asked for.
+    if name in ("MiraGe", "MiraGeConfig"):
+        from aigid.models import mirage
+        return getattr(mirage, name)
+    raise AttributeError(f"module 'aigid' has no attribute {name!r}")
+
 
 __all__ = ["load_detector", "train", "evaluate", "scan", "MiraGe", "MiraGeConfig", "TrainConfig", "__version__"]

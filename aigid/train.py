@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ from aigid.data.labelled import discover, has_split, summarise, warn_format_bias
 from aigid.data.transforms import train_transform
 from aigid.evaluate import device_of, evaluate
 from aigid.models.checkpoint import apply_umask
-from aigid.models.mirage import MiraGe, MiraGeConfig
+
+if TYPE_CHECKING:  # the model is imported when training starts: open_clip is slow to import
+    from aigid.models.mirage import MiraGe
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ def scheduled_lr(step: int, total: int, warmup_steps: int, lr: float, warmup_lr:
     return 0.5 * lr * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
-def build_model(cfg: TrainConfig) -> MiraGe:
+def build_model(cfg: TrainConfig) -> "MiraGe":
+    from aigid.models.mirage import MiraGe, MiraGeConfig
+
     if os.path.isdir(cfg.model):
         return MiraGe.from_pretrained(cfg.model, cache_dir=cfg.cache_dir, download=cfg.download)
     if os.path.isfile(cfg.model):

@@ -11,8 +11,6 @@ from typing import Union
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 __all__ = ["BAGEL_MAX_PIXELS", "bagel_size", "BagelResize"]
 
@@ -63,6 +61,8 @@ class BagelResize:
         w, h = self.size_of(width, height)
         if (w, h) == (width, height):
             return img
+        from torchvision.transforms import InterpolationMode  # on first use: torchvision is slow to import
+        from torchvision.transforms import functional as TF
         out = TF.resize(img, [h, w], InterpolationMode.BICUBIC, antialias=True)
         return out if not isinstance(out, torch.Tensor) else out.to(img.dtype)
 

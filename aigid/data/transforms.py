@@ -19,15 +19,20 @@ from typing import Any, BinaryIO, Callable, Literal, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as T
 
 from aigid.data.bagel_resize import BagelResize
 from aigid.data.images import ImageError, InputError, describe, to_rgb_image
 
 log = logging.getLogger(__name__)
 
-_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-           "nearest": T.InterpolationMode.NEAREST}
+_INTERP = ("bicubic", "bilinear", "nearest")
+
+
+def _v2():
+    """torchvision.transforms.v2, imported on first use: importing torchvision pulls in its model
+    zoo and torch._dynamo (~1 s), which ``import aigid`` should not pay for."""
+    from torchvision.transforms import v2
+    return v2
 
 Transform = Callable[[Image.Image], torch.Tensor]
 ImageInput = Union[torch.Tensor, np.ndarray, Image.Image, str, os.PathLike, bytes, BinaryIO, Sequence]
@@ -36,7 +41,11 @@ _SINGLE = (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)
 
 def _resize(pp: dict[str, Any]) -> list:
     size, mode = int(pp["size"]), pp.get("resize_mode", "shortest")
-    interp = _INTERP[pp.get("interpolation", "bicubic")]
+    T = _v2()
+    name = pp.get("interpolation", "bicubic")
+    if name not in _INTERP:
+        raise ValueError(f"unsupported interpolation {name!r} ({', '.join(_INTERP)})")
+    interp = T.InterpolationMode(name)
     if mode == "bagel":  # aspect kept, no crop: each image keeps its own size (UniGenDet)
         return [BagelResize(int(pp.get("max_size", 1024)), size, int(pp.get("stride", 16)))]
     if mode == "shortest":
@@ -49,6 +58,7 @@ def _resize(pp: dict[str, Any]) -> list:
 
 
 def _tensor_and_normalise(pp: dict[str, Any]) -> list:
+    T = _v2()
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp["mean"], pp["std"])]
 
 
@@ -60,12 +70,14 @@ def is_variable_size(pp: dict[str, Any]) -> bool:
 def eval_transform(pp: dict[str, Any]) -> Transform:
     """Deterministic: resize (``none``: no resize), centre crop to ``size``² (zero-padding smaller
     images; ``bagel``: no crop), to float, normalise."""
+    T = _v2()
     crop = [] if is_variable_size(pp) else [T.CenterCrop(int(pp["size"]))]
     return T.Compose(_resize(pp) + crop + _tensor_and_normalise(pp))
 
 
 def train_transform(pp: dict[str, Any]) -> Transform:
     """Resize, random crop and horizontal flip (no colour jitter: it would erase the artefacts)."""
+    T = _v2()
     size = int(pp["size"])
     return T.Compose(_resize(pp) + [T.RandomCrop(size, pad_if_needed=True), T.RandomHorizontalFlip()]
                      + _tensor_and_normalise(pp))

@@ -6,7 +6,12 @@ import os
 import warnings
 from typing import Optional
 
-from aigid.models.mirage import CONFIG_FILE, MiraGe, MiraGeConfig
+CONFIG_FILE = "config.json"  # every detector folder's config (MiraGe's and UniGenDet's)
+
+
+def _mirage():
+    from aigid.models.mirage import MiraGe  # imported on demand: open_clip, torchvision
+    return MiraGe
 
 
 def _unigendet():
@@ -14,7 +19,7 @@ def _unigendet():
     return UniGenDet
 
 
-_ARCHS = {"mirage": lambda: MiraGe, "unigendet": _unigendet}
+_ARCHS = {"mirage": _mirage, "unigendet": _unigendet}
 
 
 def _arch_of(folder: str) -> str:
@@ -52,8 +57,9 @@ def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Op
     elif name_or_path.startswith("mirage-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)
-        model = MiraGe(MiraGeConfig.named(name_or_path.removeprefix("mirage-")), cache_dir=cache_dir,
-                       download=download)
+        from aigid.models.mirage import MiraGeConfig
+        model = _mirage()(MiraGeConfig.named(name_or_path.removeprefix("mirage-")), cache_dir=cache_dir,
+                          download=download)
     elif name_or_path.startswith("unigendet-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)
