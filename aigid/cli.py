@@ -367,6 +367,10 @@ def _check_eval(args) -> None:
     _labelled(args.data, args.split)
     if args.out:
         _writable_parent(args.out, "result file")
+    if bool(args.format) != bool(args.report):
+        raise UsageError("--format and --report DIR go together: the framework, and the folder its files go to")
+    if args.report:
+        _writable_dir(args.report, "report folder")
     _detector_arg(args.detector)
 
 
@@ -378,6 +382,10 @@ def _cmd_eval(args) -> int:
     result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
                       num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
                       robustness=args.robustness or ())
+    if args.format:
+        from aigid.eval_formats import write_report
+        written = write_report(result, args.report, args.format)
+        log.info("wrote %d %s result files under %s", len(written), args.format, args.report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
@@ -408,12 +416,16 @@ def _cmd_scan(args) -> int:
         summary = scan_to_store(args.paths, detector, out=args.out, batch_size=args.batch_size,
                                 decoder=args.decoder, num_workers=args.workers,
                                 resume=not args.no_resume, retry_errors=args.retry_errors,
-                                threshold=args.threshold, export=args.export, progress=not args.quiet)
+                                threshold=args.threshold, export=args.export, progress=not args.quiet,
+                                sniff=args.sniff)
     except sqlite3.DatabaseError as err:
         raise CommandFailed(f"{args.out}: not a usable results file ({err})") from None
     if not any(summary.get(k) for k in ("scored", "errors", "skipped")):
+        others = sum((summary.get("skipped_not_image") or {}).values())
+        more = (f"; {others} files skipped as not images by their extension (see skipped_not_image; "
+                "--sniff reads their content)") if others else ""
         log.warning("no images found under %s (looked for image files, .tar/.zip shards and "
-                    ".txt/.lst lists)", ", ".join(args.paths))
+                    ".txt/.lst lists)%s", ", ".join(args.paths), more)
     _print_json(summary)
     return 0  # unreadable images are results (stored with their reason), not a failure
 
@@ -434,6 +446,23 @@ def _cmd_export(args) -> int:
     except sqlite3.DatabaseError as err:
         raise CommandFailed(f"{args.db}: not a usable results file ({err})") from None
     print(json.dumps({"exported": n, "out": args.out}))
+    return 0
+
+
+def _check_export_model(args) -> None:
+    _detector_arg(args.detector)
+    _writable_parent(args.out, "exported model")
+
+
+def _cmd_export_model(args) -> int:
+    from aigid.export_model import export_model
+
+    detector = _load_detector(args)
+    try:
+        path = export_model(detector, args.out, format=args.format)
+    except NotImplementedError as err:
+        raise UsageError(str(err)) from None
+    _print_json({"exported": str(path), "format": args.format})
     return 0
 
 
@@ -513,7 +542,8 @@ def _add_allow_download(p: argparse.ArgumentParser) -> None:
 def _add_detector(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
     p.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
-    p.add_argument("--threshold", type=_probability, default=0.5, help="label = fake when score ≥ threshold (0..1)")
+    p.add_argument("--threshold", type=_probability, default=0.5, help="label = fake when score > threshold (0..1; a score equal to it is real, as "
+                   "UnivFD/SIDBench/DeepfakeBench count)")
 
 
 def _add_demo(sub) -> None:
@@ -568,6 +598,10 @@ def _add_eval(sub) -> None:
     e.add_argument("--out", help="write the full JSON result here (default: print it)")
     e.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: read the detection head "
                    "(default) or parse the generated answer as the public evaluation does (the paper's accuracy)")
+    e.add_argument("--format", choices=("sidbench", "univfd", "deepfakebench"),
+                   help="also write the results as that framework does, into --report (clean numbers in "
+                   "DIR, each --robustness perturbation in DIR/<name>)")
+    e.add_argument("--report", metavar="DIR", help="folder for --format's files")
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
                    "blur sigma 2/4) or a list like jpeg90,blur2 (default: none)")
     _add_runtime(e, batch_size=64)
@@ -584,6 +618,8 @@ def _add_scan(sub) -> None:
     s.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto", help="image decoder")
     s.add_argument("--no-resume", action="store_true", help="rescore items already in --out")
     s.add_argument("--retry-errors", action="store_true", help="retry items stored as errors")
+    s.add_argument("--sniff", action="store_true",
+                   help="identify images by content (magic bytes) whatever their file name")
     s.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: detection head (default) "
                    "or the generated answer's wording")
     _add_runtime(s, batch_size=64)
@@ -600,7 +636,19 @@ def _add_export(sub) -> None:
     x.add_argument("--format", choices=("jsonl", "csv", "parquet"), help="output format (default: from the suffix)")
     x.add_argument("--model", help="only this detector's results (default: all)")
     x.add_argument("--threshold", type=_probability,
-                   help="label = fake when score ≥ threshold (default: each model's latest scan's)")
+                   help="label = fake when score > threshold (default: each model's latest scan's)")
+
+
+def _add_export_model(sub) -> None:
+    m = _command(sub, "export-model", "export a MiraGe detector as ONNX or a torch.export program "
+                 "(preprocessed pixels in, P(fake) out)", _cmd_export_model, _check_export_model)
+    m.add_argument("detector", help="detector folder (save_pretrained) or name")
+    m.add_argument("out", help="output file (.onnx or .pt2)")
+    m.add_argument("--format", choices=("onnx", "torch-export"), default="onnx", help="export format")
+    m.add_argument("--device", default="cpu", help="where the detector is loaded for export")
+    m.add_argument("--cache-dir", help="where open_clip tag weights are looked up")
+    _add_allow_download(m)
+    m.set_defaults(checkpoint=None)
 
 
 def _add_make_aligned(sub) -> None:
@@ -618,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"aigid {__version__}")
     _common(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_eval, _add_scan, _add_export, _add_make_aligned):
+    for add in (_add_demo, _add_train, _add_eval, _add_scan, _add_export, _add_export_model, _add_make_aligned):
         add(sub)
     _command(sub, "backends", "which optional backends this machine has", _cmd_backends)
     return p

@@ -60,17 +60,26 @@ def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
+def _with_oracle(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """binary_metrics plus the oracle accuracy (best threshold on these labels), split by class
+    as SIDBench's ``acc_oracle.txt`` reports it."""
+    m = binary_metrics(labels, scores, threshold)
+    if labels.size:
+        acc, at = oracle_accuracy(labels, scores)
+        at_oracle = binary_metrics(labels, scores, at)
+        m.update(oracle_acc=acc, oracle_threshold=at, oracle_real_acc=at_oracle["real_acc"],
+                 oracle_fake_acc=at_oracle["fake_acc"])
+    return _clean(m)
+
+
 def _metrics(items, scores, kept, threshold: float) -> dict[str, Any]:
     labels = np.array([items[i].label for i in kept], dtype=np.int64)
     gens = np.array([items[i].generator or "all" for i in kept])
-    per_gen = {g: _clean(binary_metrics(labels[gens == g], scores[gens == g], threshold))
+    per_gen = {g: _with_oracle(labels[gens == g], scores[gens == g], threshold)
                for g in sorted(set(gens.tolist()))}
     mean = {k: (float(np.mean([m[k] for m in per_gen.values() if m[k] is not None]))
                 if any(m[k] is not None for m in per_gen.values()) else None) for k in _KEYS}
-    overall = _clean(binary_metrics(labels, scores, threshold)) if kept.size else {"n": 0}
-    if kept.size:
-        acc, at = oracle_accuracy(labels, scores)
-        overall["oracle_acc"], overall["oracle_threshold"] = acc, at
+    overall = _with_oracle(labels, scores, threshold) if kept.size else {"n": 0}
     return {"overall": overall, "per_generator": per_gen, "mean_over_generators": mean}
 
 
@@ -81,11 +90,16 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
 
     Returns ``{"overall": {...}, "per_generator": {gen: {...}}, "mean_over_generators": {...},
     "errors": [...], "protocol": {...}}``; NaN metrics (e.g. AUROC with one class) become None.
-    ``overall["oracle_acc"]`` is the accuracy at the best threshold chosen *on these labels*
-    (the number UnivFD/SIDBench print): an oracle, not a deployable figure.
+    A score counts as fake when ``score > threshold`` (UnivFD's, SIDBench's and DeepfakeBench's
+    rule; see ``aigid.metrics``); EER is DeepfakeBench's. ``oracle_acc`` (with its
+    ``oracle_threshold`` and per-class ``oracle_real_acc``/``oracle_fake_acc``), overall and per
+    generator, is the accuracy at the best threshold chosen *on these labels* (the number
+    UnivFD/SIDBench print): an oracle, not a deployable figure.
 
     ``robustness`` ("sidbench", "jpeg90,blur2", or a list) re-scores the same images under each
-    perturbation and adds ``{"robustness": {name: {"overall", "mean_over_generators"}}}``.
+    perturbation and adds ``{"robustness": {name: {"overall", "per_generator",
+    "mean_over_generators"}}}``. ``aigid.eval_formats.write_report`` writes the result in
+    UnivFD's, SIDBench's or DeepfakeBench's files.
     """
     sweep = parse_sweep(robustness)  # validate names before any scoring
     items = discover(data, split) if isinstance(data, str) else list(data)
@@ -95,7 +109,8 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
     result = _metrics(items, scores, kept, threshold)
     result["errors"] = errors
     result["protocol"] = {
-        "threshold": threshold, "preprocess": detector.config.preprocess,
+        "threshold": threshold, "fake_if": "score > threshold",
+        "preprocess": detector.config.preprocess,
         "verdict": getattr(detector.config, "verdict", "head"),
         "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
         "split": split, "data": data if isinstance(data, str) else None,
@@ -107,7 +122,8 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
         for p in sweep:
             m = _metrics(items, *score(detector, items, batch_size, num_workers, progress, p)[:2],
                          threshold)
-            result["robustness"][p.name] = {k: m[k] for k in ("overall", "mean_over_generators")}
+            result["robustness"][p.name] = {k: m[k] for k in ("overall", "per_generator",
+                                                               "mean_over_generators")}
     return result
 
 

@@ -32,6 +32,7 @@ import multiprocessing as mp
 import multiprocessing.context
 import os
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -150,8 +151,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
          device: Optional[Union[str, torch.device]] = None, decoder: str = "auto",
          num_workers: Optional[int] = None, resume: bool = True, retry_errors: bool = False,
          threshold: float = 0.5, export: Optional[PathArg] = None, progress: bool = True,
-         model: Optional[str] = None, stats: Optional[dict[str, Any]] = None
-         ) -> Iterator[ScanResult]:
+         model: Optional[str] = None, stats: Optional[dict[str, Any]] = None,
+         sniff: bool = False) -> Iterator[ScanResult]:
     """Score every image under ``paths``; yield a ``ScanResult`` per item as batches finish.
 
     ``paths``: folders (walked), image files, tar/zip shards, ``.txt``/``.lst`` lists.
@@ -159,11 +160,14 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
     resume, nothing written: results are only yielded).
     ``device``: moves the detector there (default: where it already is). ``decoder``: ``"auto"``,
     ``"dali"`` or ``"pil"``. ``num_workers``: decode processes (default ``default_workers``).
-    ``label`` is ``score >= threshold`` (a probability in [0, 1]); in the store it becomes the
-    threshold in force for this model, also for rows skipped as done. ``export``: after the scan,
-    write this model's results to a .jsonl/.csv/.parquet file. ``model``: the id results are
-    stored under (default ``model_id(detector)``). ``stats``, if given, is filled with the run's
-    summary at the end.
+    ``label`` is ``score > threshold`` (a probability in [0, 1]; a score equal to it is real); in
+    the store it becomes the threshold in force for this model, also for rows skipped as done.
+    ``export``: after the scan, write this model's results to a .jsonl/.csv/.parquet file.
+    ``model``: the id results are stored under (default ``model_id(detector)``). ``stats``, if
+    given, is filled with the run's summary at the end.
+    The summary's ``skipped_not_image`` counts the files left out as not images, by extension.
+    ``sniff``: identify images by their first bytes whatever their name (a JPEG named ``.dat``, a
+    PNG with no extension); without it, the extension list decides.
     Items are yielded in completion order, not enumeration order.
     """
     from aigid.data.batches import choose_decoder, iter_batches
@@ -208,6 +212,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         raise
 
     counts = {"scored": 0, "errors": 0}
+    not_images: Counter = Counter()  # filled as batches arrive, from every worker
     bar = tqdm(desc="scan", unit="img", disable=not progress, dynamic_ncols=True)
     # OpenMP's thread count is per thread: give the scoring thread the caller's setting.
     pool = ThreadPoolExecutor(1, thread_name_prefix="aigid-score",
@@ -241,7 +246,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
 
     try:
         batches = iter_batches(paths, preprocess, batch_size, device=dev, decoder=chosen,
-                               num_workers=workers, skip=skip)
+                               num_workers=workers, skip=skip, sniff=sniff, not_images=not_images)
         pending = None
         for batch in batches:
             future = pool.submit(_predict, detector, batch.pixels, autocast) \
@@ -259,6 +264,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         bar.close()
         seconds = time.perf_counter() - started
         summary = {**counts, "skipped": skip.total() if skip is not None else 0,
+                   "skipped_not_image": dict(sorted(not_images.items())),
                    "seconds": round(seconds, 3),
                    "images_per_s": round((counts["scored"] + counts["errors"]) / max(seconds, 1e-9), 1),
                    "model": mid, "decoder": chosen, "workers": workers, "device": str(dev),
@@ -282,7 +288,8 @@ def scan_to_store(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                   out: PathArg, **kwargs: Any) -> dict[str, Any]:
     """Run ``scan`` into the store ``out`` (required: the results are kept nowhere else) to the
     end without keeping them in memory; return the summary:
-    ``scored``, ``errors``, ``skipped``, ``seconds``, ``images_per_s``, ``model``, ``out``..."""
+    ``scored``, ``errors``, ``skipped``, ``skipped_not_image``, ``seconds``, ``images_per_s``,
+    ``model``, ``out``..."""
     stats: dict[str, Any] = {}
     for _ in scan(paths, detector, out=out, stats=stats, **kwargs):
         pass

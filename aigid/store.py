@@ -8,9 +8,10 @@ Tables (schema version 1)::
 
 Several detectors may share one file: a row is keyed by (item id, model fingerprint), and
 ``results.run`` names the run that scored it. Labels are not stored: a reader derives
-``label = score >= threshold`` with the threshold asked for (``rows(threshold=)``,
-``export(threshold=)``) or, by default, the threshold of the latest run of that model -- so a
-rescan with a new threshold relabels every stored row without rescoring one.
+``label = score > threshold`` (fake strictly above it, as UnivFD, SIDBench and DeepfakeBench
+count) with the threshold asked for (``rows(threshold=)``, ``export(threshold=)``) or, by
+default, the threshold of the latest run of that model -- so a rescan with a new threshold
+relabels every stored row without rescoring one.
 
 Ownership: a file is ours when ``PRAGMA application_id`` is ``APPLICATION_ID`` and
 ``user_version`` is the schema version. Before anything is written, an existing file is
@@ -99,8 +100,11 @@ _UPSERT = ("INSERT INTO results (id, model, hash, size, score, error, time, run)
 
 
 def label_of(score: float, threshold: float) -> int:
-    """1 (fake) when ``score >= threshold``: the one place that sets the comparison."""
-    return int(score >= threshold)
+    """1 (fake) when ``score > threshold``: the store's one place that sets the comparison.
+
+    The rule of ``aigid.metrics.is_fake`` (sources cited there), kept in plain Python here because
+    it runs once per exported row."""
+    return int(score > threshold)
 
 
 def check_threshold(threshold: float) -> float:
@@ -115,7 +119,7 @@ def check_threshold(threshold: float) -> float:
 class ResultRow:
     """One row of ``results`` (``score``/``label`` are None for an error, ``error`` for a score).
 
-    ``label`` is derived when a row is read (``score >= threshold``); ``write`` ignores it.
+    ``label`` is derived when a row is read (``score > threshold``); ``write`` ignores it.
     ``run`` is the id of the run that scored the row (None for rows of a version-0 file)."""
     id: str
     model: str
@@ -449,7 +453,7 @@ class ResultStore:
     def rows(self, model: Optional[str] = None, *,
              threshold: Optional[float] = None) -> Iterator[ResultRow]:
         """All rows (of one model), ordered by model then id, streamed; ``label`` is
-        ``score >= threshold``, by default with the threshold in force for each row's model."""
+        ``score > threshold``, by default with the threshold in force for each row's model."""
         in_force = self.thresholds() if threshold is None else {}
         if threshold is not None:
             threshold = check_threshold(threshold)
@@ -469,7 +473,7 @@ class ResultStore:
 
         ``format=None`` takes it from the suffix (.jsonl/.ndjson, .csv, .parquet/.pq). Ids are
         shown with ``display_id``; scores are the stored float64s (CSV writes ``repr``, exact).
-        ``label`` is ``score >= threshold``; ``threshold=None``: each model's threshold in force
+        ``label`` is ``score > threshold``; ``threshold=None``: each model's threshold in force
         (that of its latest run).
         """
         path = os.fspath(path)
@@ -483,7 +487,7 @@ class ResultStore:
             raise ValueError(f"no results for model {model!r} in {self.path} "
                              f"(models: {self.models()})")
         if threshold is None:
-            log.info("%s: labels = score >= the latest run's threshold per model %s", path,
+            log.info("%s: labels = score > the latest run's threshold per model %s", path,
                      self.thresholds())
         rows = (_export_dict(r) for r in self.rows(model, threshold=threshold))
         return {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}[fmt](path, rows)

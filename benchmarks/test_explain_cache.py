@@ -33,6 +33,8 @@ from torch import nn
 from aigid.models.unigendet import DetInputs, UniGenDet, UniGenDetConfig
 from aigid.models.unigendet.decode import decode_answers, decode_answers_uncached
 
+from _report import record_comparison
+
 CUDA = torch.cuda.is_available()
 NEW_TOKENS = 64
 QUESTIONS = ["Is this image real or fake?", "Does the image looks real/fake?",
@@ -100,6 +102,9 @@ def _run(benchmark, name, workload, provider, rounds):
     finally:
         torch.set_num_threads(threads)
     assert all(len(a) == NEW_TOKENS for a in out)
+    record_comparison(benchmark, case=f"explain-{name}", name=provider, ours=provider == "cached",
+                      means="prefill once into a KV cache, one decode_step per token"
+                      if provider == "cached" else "the whole pack re-run per new token")
     mean = benchmark.stats.stats.mean
     _results[(name, provider)] = (mean, list(out))
     info = benchmark.extra_info

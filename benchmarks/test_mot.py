@@ -38,6 +38,8 @@ from aigid.models.unigendet.mot import MoTConfig, MoTLayer
 from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
 from aigid.packing import PackedLayout, Split
 
+from _report import record_comparison
+
 CUDA = torch.cuda.is_available()
 _means: dict[tuple[str, str], float] = {}  # (workload, provider) -> mean seconds
 
@@ -160,7 +162,18 @@ def _attention_fn(provider, layout):
     return flex_attention_for(layout, layout.device)
 
 
+MOT_MEANS = {
+    "ours": "aigid's MoTLayer / packed_attention, automatic backend",
+    "bagel_loop": "per-sample, per-token-type loop + dense-mask SDPA",
+    "bagel_packed": "BAGEL's layer: pack-wide experts + per-sample dense-mask SDPA",
+    "sdpa": "split-wise SDPA (no flash-attn)",
+    "flex": "flex_attention with a block mask (eager on CPU)",
+}
+
+
 def _record(benchmark, name, provider, layout, dtype, cfg, threads):
+    record_comparison(benchmark, case=f"mot-{name}", name=provider, ours=provider == "ours",
+                      means=MOT_MEANS[provider])
     mean = benchmark.stats.stats.mean
     _means[(name, provider)] = mean
     info = benchmark.extra_info

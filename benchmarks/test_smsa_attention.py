@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from aigid import backends, ops
 from aigid.kernels.reference import smsa_attention_reference
 
+from _report import record_comparison
+
 CUDA = torch.cuda.is_available()
 HEADS, KV_HEADS, HEAD_DIM, N_SOURCES = 16, 4, 128, 3
 CUDA_BATCH = 2
@@ -110,6 +112,15 @@ _PROVIDERS = {
 }
 
 
+SMSA_MEANS = {
+    "triton": "aigid's fused multi-source kernel",
+    "sdpa_cat": "torch.cat of the sources + SDPA (native GQA)",
+    "reference": "BAGEL's path, cat + repeat K/V + SDPA (aigid's CPU path)",
+    "flash_attn": "flash_attn_func on the concatenation",
+    "xformers": "xformers memory_efficient_attention on the concatenation",
+}
+
+
 def _skip_reason(provider: str, device: str) -> str | None:
     if device == "cuda" and not CUDA:
         return "CUDA-only case (bf16 GPU workload): no CUDA device on this machine"
@@ -177,6 +188,9 @@ def test_smsa_attention(benchmark, device, mode, l_q, provider):
         device=_device_name(device), dtype=str(dtype).removeprefix("torch."), provider=provider,
         mode=mode, batch=batch, heads_q=heads, heads_kv=kv_heads, head_dim=head_dim, l_q=l_q,
         source_lengths=[l_q] * N_SOURCES, flops=flops)
+    ours = "triton" if device == "cuda" else "reference"  # what aigid.ops runs on this device
+    record_comparison(benchmark, case=group, name=provider, ours=provider == ours,
+                      means=SMSA_MEANS[provider])
     if device == "cuda":
         benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
     else:

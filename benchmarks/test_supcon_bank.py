@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from aigid.kernels.reference import supcon_bank_loss_reference
 
+from _report import record_comparison
+
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.07
 N_ANCHORS = 2
@@ -33,6 +35,13 @@ kernel_needs_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="the Triton kernel is timed on CUDA only (not under the interpreter)")
 compile_cpu_once = pytest.mark.skipif(
     not HAS_CUDA, reason="inductor compiles for ~40 s on CPU: the smoke run compiles one size only")
+
+
+SUPCON_MEANS = {
+    "triton": "aigid's fused Triton kernel",
+    "eager": "the plain-PyTorch reference (aigid's CPU path)",
+    "compiled": "torch.compile(reference)",
+}
 
 
 def _params():
@@ -115,5 +124,8 @@ def test_supcon_bank_fwd_bwd(benchmark, impl, n, m, d, dtype):
         "peak_extra_mib": None if peak_extra is None else round(peak_extra / 2**20, 1),
         "torch": torch.__version__,
     })
+    ours = "triton" if HAS_CUDA else "eager"  # what aigid.ops.supcon_bank_loss runs here
+    record_comparison(benchmark, case=f"supcon-N{n}-M{m}", name=impl, ours=impl == ours,
+                      means=SUPCON_MEANS[impl])
     large = n * (n + m) * d > 1e11
     benchmark.pedantic(step, rounds=5 if large else 15, warmup_rounds=1, iterations=1)

@@ -6,7 +6,8 @@ Usage (``tests/`` is on ``sys.path`` under pytest's default import mode)::
 
     expected = build_corpus(tmp_path / "corpus")      # {item id -> "ok" | "error"}
     # scanning [tmp_path / "corpus"] must yield exactly these ids: "ok" ones scored, "error" ones
-    # recorded with a reason (undecodable files, unreadable archives, link members, symlink loops).
+    # recorded with a reason (undecodable files, unreadable archives, symlink and hardlink
+    # members, symlink loops).
 
 Stable API (other test files import it):
 
@@ -22,6 +23,7 @@ Stable API (other test files import it):
   while walking a folder are *not* expanded (only list files given explicitly are), so this does
   not change ``build_corpus``'s expectations.
 - ``jpeg_bytes(w, h, seed, **save_kw)`` / ``png_bytes(w, h, seed)``: valid noise images as bytes.
+- ``bomb_png(width, height, gray=False)``: a tiny PNG whose header declares ``width x height``.
 - ``EXIF_NAME`` / ``EXIF_STORED_SIZE``: the EXIF orientation-6 JPEG (stored 64x32: left half red,
   right half blue) whose displayed size is 32x64.
 - ``nonutf8_supported(root) -> bool``: whether the filesystem accepted the non-UTF-8 file name.
@@ -48,7 +50,7 @@ EXIF_STORED_SIZE = (64, 32)  # (width, height) as stored; displayed 32 wide, 64 
 NONUTF8_NAME = b"caf\xe9.jpg"
 
 __all__ = ["build_corpus", "build_list_file", "nonutf8_supported", "EXIF_NAME", "EXIF_STORED_SIZE",
-           "jpeg_bytes", "png_bytes"]
+           "jpeg_bytes", "png_bytes", "bomb_png"]
 
 
 def _noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -77,9 +79,10 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A ~60-byte PNG whose header declares width x height pixels (10^10 by default)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+def bomb_png(width: int = 100_000, height: int = 100_000, gray: bool = False) -> bytes:
+    """A ~60-byte PNG whose header declares width x height pixels (10^10 by default); ``gray``
+    declares 8-bit greyscale (a quarter of the memory should anything ever decode it)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0 if gray else 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
             + _png_chunk(b"IEND", b""))
@@ -129,10 +132,18 @@ def _evil_tar(path: Path) -> dict[str, str]:
         folder.type, folder.mode = tarfile.DIRTYPE, 0o755
         tf.addfile(folder)
         _tar_add(tf, "normal/ok.jpg", jpeg_bytes(seed=23))
+        # Hardlinks: one to a regular member of this archive, one to a path outside it. Neither
+        # is a regular file (TarInfo.isfile() is False), so a reader that only looks for symlinks
+        # would drop them without a row.
+        for name, target in (("hard.jpg", "normal/ok.jpg"), ("hard_out.jpg", "/etc/passwd")):
+            hard = tarfile.TarInfo(name)
+            hard.type, hard.linkname = tarfile.LNKTYPE, target
+            tf.addfile(hard)
         _tar_add(tf, "normal/caption.txt", b"not an image: filtered out by extension")
         _tar_add(tf, "a/../../b.jpg", b"this is text, not a JPEG")
     return {f"{arc}::../escape.jpg": "ok", f"{arc}::/abs/evil.jpg": "ok",
             f"{arc}::link.jpg": "error", f"{arc}::normal/ok.jpg": "ok",
+            f"{arc}::hard.jpg": "error", f"{arc}::hard_out.jpg": "error",
             f"{arc}::a/../../b.jpg": "error"}
 
 
@@ -197,7 +208,7 @@ def build_corpus(root: Path) -> dict[str, str]:
     put("truncated.jpg", jpeg_bytes(64, 64, seed=8)[:600], "error")
     put("empty.jpg", b"", "error")
     put("text.jpg", b"hello, I am plain text with a .jpg name\n", "error")
-    put("bomb.png", _bomb_png(), "error")
+    put("bomb.png", bomb_png(), "error")
     put("cmyk.jpg", _encode(_noise(40, 30, 9, "CMYK"), "JPEG"), "ok")
     put("gray16.png", _gray16_png(), "ok")
     put("animated.gif", _animated_gif(), "ok")

@@ -108,3 +108,44 @@ def test_eval_rejects_unknown_perturbation(trained, capsys):
     root, out, _ = trained
     assert main(["eval", str(root), "--detector", str(out), "--robustness", "jpeg90,sharpen", "--quiet"]) == 2
     assert "unknown perturbation 'sharpen'" in capsys.readouterr().err
+
+
+def test_export_model_command_matches_predict(trained, tmp_path):
+    """Catches the CLI's export-model wiring dropping the detector or the format (a file that loads
+    but scores something else, or an ONNX written when torch-export was asked)."""
+    import torch
+
+    import aigid
+    _, det, _ = trained
+    out = tmp_path / "m.pt2"
+    assert main(["export-model", str(det), str(out), "--format", "torch-export", "--quiet"]) == 0
+    detector = aigid.load_detector(str(det))
+    pixels = torch.randn(2, 3, 32, 32)
+    program = torch.export.load(str(out)).module()
+    assert torch.allclose(program(pixels).reshape(-1), detector.predict(pixels), atol=1e-6)
+
+
+def test_eval_writes_a_framework_report(trained, tmp_path, capsys):
+    """Catches --format being accepted but never written (or written without --report's folder)."""
+    root, det, _ = trained
+    report = tmp_path / "univfd"
+    assert main(["eval", str(root), "--detector", str(det), "--split", "val", "--format", "univfd",
+                 "--report", str(report), "--quiet"]) == 0
+    assert {"ap.txt", "acc0.txt"} <= set(os.listdir(report))
+    capsys.readouterr()
+    assert main(["eval", str(root), "--detector", str(det), "--format", "univfd", "--quiet"]) == 2
+    assert "--report" in capsys.readouterr().err
+
+
+def test_scan_sniff_flag_reads_images_by_content(trained, tmp_path, capsys):
+    """Catches --sniff not reaching the scanner: a PNG named .dat is skipped without it, scored with it."""
+    root, det, _ = trained
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "x.dat").write_bytes((root / "val" / "real" / "0.png").read_bytes())
+    args = ["scan", str(folder), "--detector", str(det), "--workers", "0", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a.sqlite")]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["scored"] == 0 and plain["skipped_not_image"] == {".dat": 1}
+    assert main(args + ["--out", str(tmp_path / "b.sqlite"), "--sniff"]) == 0
+    assert json.loads(capsys.readouterr().out)["scored"] == 1

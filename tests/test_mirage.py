@@ -70,7 +70,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_config, data, tmp_path
     (xtr, ytr), (xte, _) = data
     model = _fit(MiraGe(tiny_config), xtr, ytr, steps=5)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["backbone.safetensors", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "backbone.safetensors", "config.json", "model.safetensors"]
     loaded = MiraGe.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(xte)["logits"], model(xte)["logits"], rtol=0, atol=0)
@@ -87,7 +87,7 @@ def test_named_backbone_checkpoint_saves_only_prompts(tiny_config, tmp_path):
     referenced = MiraGe(tiny_config)
     referenced.load_state_dict(model.trainable_state_dict(), strict=False)
     referenced.save_pretrained(tmp_path / "det")
-    assert sorted(os.listdir(tmp_path / "det")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "det")) == ["README.md", "config.json", "model.safetensors"]
     again = MiraGe.from_pretrained(tmp_path / "det")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

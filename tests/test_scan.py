@@ -59,7 +59,7 @@ def test_corpus_every_item_scored_or_error_and_nothing_written_elsewhere(detecto
     assert len(ids) == len(set(ids)) and set(ids) == set(expected)
     for r in results:
         if expected[r.id] == "ok":
-            assert r.error is None and 0.0 <= r.score <= 1.0 and r.label == int(r.score >= 0.3)
+            assert r.error is None and 0.0 <= r.score <= 1.0 and r.label == int(r.score > 0.3)
             assert len(r.hash) == 32 and r.size > 0
         else:
             assert r.score is None and r.label is None and r.error and r.error.strip()

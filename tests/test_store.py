@@ -20,7 +20,7 @@ def _rows(model="m1"):
         ResultRow("/data/broken.jpg", model, "cc" * 16, 7, None, None, "cannot decode: bad", 101.0),
         ResultRow("/data/gone.jpg", model, None, None, None, None, "file not found", 101.0),
         ResultRow(NONUTF8, model, "dd" * 16, 5, 1 / 3, 0, None, 102.0),
-        ResultRow('/data/odd, "quoted"\nname.jpg', model, "ee" * 16, 6, 0.5, 1, None, 103.0),
+        ResultRow('/data/odd, "quoted"\nname.jpg', model, "ee" * 16, 6, 0.5, 0, None, 103.0),  # on 0.5: real
     ]
 
 

@@ -89,7 +89,7 @@ def test_threshold_change_relabels_without_rescoring(detector, images, tmp_path)
     for ident, r in first.items():
         row = rows[ident]
         assert row.score == r.score and row.run == runs[0]["run"]  # scored once, by run 1
-        assert row.label == (None if r.score is None else int(r.score >= mid))
+        assert row.label == (None if r.score is None else int(r.score > mid))  # fake: score > t
         assert explicit[ident] == r.label  # a reader may ask for another threshold
     assert sorted(label for label in (r.label for r in rows.values()) if label is not None) == \
         [0] * (N_GOOD // 2) + [1] * (N_GOOD // 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator, Optional, Sequence, Union
 
@@ -80,12 +81,15 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
                  skip: Optional[Callable[[str], bool]] = None, prefetch: int = 2,
                  dtype: torch.dtype = torch.float32, dali_threads: int = 4,
                  recursive: bool = True,
-                 extensions: Optional[Collection[str]] = IMAGE_EXTENSIONS) -> Iterator[Batch]:
+                 extensions: Optional[Collection[str]] = IMAGE_EXTENSIONS, sniff: bool = False,
+                 not_images: Optional[Counter] = None) -> Iterator[Batch]:
     """Yield ``Batch``es of up to ``batch_size`` decoded images for everything under ``paths``.
 
     ``skip(id)`` returning True leaves an item unread (resume). ``num_workers`` CPU processes read
     and decode (0: in this process); ``prefetch`` batches per worker (and, for DALI, decoded GPU
     batches) are prepared ahead, so decoding overlaps the caller's work on the current batch.
+    ``sniff``: judge files by their first bytes instead of their extension. ``not_images``, if
+    given, is filled (as batches arrive) with the files left out as not images, by extension.
     Arguments are checked here, before the first batch is asked for.
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
@@ -120,11 +124,20 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
         from aigid.data.decode_dali import dali_eligible
         route = dali_eligible
     dataset = ScanDataset(list(paths), preprocess, batch_size, skip=skip, recursive=recursive,
-                          extensions=extensions, dtype=dtype, route=route)
+                          extensions=extensions, dtype=dtype, route=route, sniff=sniff)
     loader = make_loader(dataset, num_workers, prefetch, pin_memory=device.type == "cuda")
+    if not_images is not None:
+        loader = _tally(loader, not_images)
     if gpu is not None:
         return _dali_batches(loader, gpu, preprocess, device, dtype, prefetch)
     return _pil_batches(loader, device)
+
+
+def _tally(chunks: Iterable[Chunk], not_images: Counter) -> Iterator[Chunk]:
+    """Pass chunks on, adding up the non-image counts each worker sends back with them."""
+    for chunk in chunks:
+        not_images.update(chunk.skipped)
+        yield chunk
 
 
 def _pil_batches(loader: Iterable[Chunk], device: torch.device) -> Iterator[Batch]:

@@ -5,17 +5,29 @@ frame of animations, and refuses decompression bombs (declared size above PIL's 
 before decoding any pixel. ``to_rgb_image`` takes anything ``predict`` accepts as one image
 (a path, bytes, a binary file, a PIL image of any mode, a uint8 array or tensor) and sends it
 through the same conversion as a file on disk, so every form of one image scores the same.
+
+Formats: whatever the installed Pillow reads (AVIF included when it is built with libavif), plus
+HEIF/HEIC and JPEG XL when the ``[formats]`` extra (``pillow-heif``, ``pillow-jxl-plugin``) is
+installed: its plugins are registered on the first decode in each process (DataLoader workers
+included), never imported by ``import aigid``. An image whose format has no decoder here is an
+``ImageError`` naming what to install.
 """
 from __future__ import annotations
 
+import importlib
 import io
+import logging
 import os
 import sys
 import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
+
+from aigid.data.sources import SNIFF_BYTES, image_format
+
+log = logging.getLogger(__name__)
 
 Source = Union[str, os.PathLike, bytes]
 
@@ -37,6 +49,63 @@ class InputError(ImageError, ValueError):
 
     def __reduce__(self):  # pickles whole (DataLoader workers, Ray), not re-wrapping the message
         return type(self), (self.reason, self.index, self.item)
+
+
+# --------------------------------------------------------------------------- optional formats
+
+FORMATS_EXTRA = "pip install 'aigid[formats]'"
+# format -> (plugin module, its pip name); importing pillow_jxl registers it, pillow_heif needs a call
+_PLUGINS = {"heif": ("pillow_heif", "pillow-heif"), "jxl": ("pillow_jxl", "pillow-jxl-plugin")}
+_registered: dict[str, bool] = {}  # per process: a forked worker inherits it with the registration
+
+
+def register_plugins() -> dict[str, bool]:
+    """Register the installed optional format plugins with Pillow, once per process; return
+    which formats are available (a missing plugin is not an error: its files get a reason)."""
+    if not _registered:
+        for fmt, (module, _) in _PLUGINS.items():
+            try:
+                mod = importlib.import_module(module)
+                if fmt == "heif":
+                    mod.register_heif_opener()
+                _registered[fmt] = True
+            except Exception as err:  # absent, or present but broken (a missing shared library)
+                if not isinstance(err, ImportError):
+                    log.warning("aigid: %s is installed but failed to load (%s: %s); %s files "
+                                "will be errors", module, type(err).__name__, err, fmt.upper())
+                _registered[fmt] = False
+    return dict(_registered)
+
+
+def _unsupported(head: bytes) -> Optional[str]:
+    """Why an image Pillow did not identify has no decoder here, when its bytes say which format
+    it is; ``None`` when they do not (then it is simply not a recognised image)."""
+    fmt = image_format(head)
+    if fmt == "avif" and not features.check("avif"):
+        import PIL
+        return (f"AVIF image, but this Pillow ({PIL.__version__}) was built without AVIF support: "
+                "install a Pillow with libavif (the PyPI wheels of Pillow >= 11.3 have it)")
+    if fmt in _PLUGINS and not register_plugins()[fmt]:
+        name = "HEIF/HEIC" if fmt == "heif" else "JPEG XL"
+        return f"{name} image needs the {_PLUGINS[fmt][1]} plugin: {FORMATS_EXTRA}"
+    return None
+
+
+def _head(source: Any) -> bytes:
+    """The first bytes of a source, for naming its format in an error; b"" when unavailable."""
+    try:
+        if isinstance(source, _ENCODED):
+            return bytes(source[:SNIFF_BYTES])
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fh:
+                return fh.read(SNIFF_BYTES)
+        source.seek(0)  # where Image.open itself starts reading a file object
+        return source.read(SNIFF_BYTES)
+    except Exception:
+        return b""
+
+
+# --------------------------------------------------------------------------- conversion
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -80,6 +149,7 @@ def load_rgb(source: Source) -> Image.Image:
     ``source``: a path, encoded bytes, or a binary file object."""
     if isinstance(source, io.TextIOBase):
         raise ImageError("a text-mode file: open it in binary mode ('rb')")
+    register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -89,7 +159,9 @@ def load_rgb(source: Source) -> Image.Image:
                     img.seek(0)
                 return _decoded_to_rgb(img)
     except _DECODE_ERRORS as err:
-        raise ImageError(_reason(err)) from None
+        reason = _unsupported(_head(source)) if isinstance(err, Image.UnidentifiedImageError) \
+            else None
+        raise ImageError(reason or _reason(err)) from None
 
 
 def _array_to_pil(arr: np.ndarray, layout: str) -> Image.Image:

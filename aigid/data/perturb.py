@@ -2,8 +2,17 @@
 detector's own preprocessing (as SIDBench does): JPEG re-compression and Gaussian blur.
 
 Names: ``clean``, ``jpeg<Q>`` (quality 1-100, e.g. ``jpeg95``) and ``blur<σ>`` (Gaussian blur
-with standard deviation σ in pixels, e.g. ``blur2``; PIL's ``radius`` is that σ). ``sidbench``
-expands to SIDBench's sweep.
+with standard deviation σ in pixels, e.g. ``blur2``). ``sidbench`` expands to SIDBench's sweep.
+
+Both follow UnivFD ``validate.py`` and SIDBench ``dataset/dataset.py`` (``png2jpg``,
+``gaussian_blur``) pixel for pixel:
+
+- JPEG: Pillow's encoder at that quality with its defaults (4:2:0 chroma subsampling, standard
+  tables), decoded back by Pillow;
+- blur: ``scipy.ndimage.gaussian_filter`` on each uint8 channel with ``output=`` that channel,
+  so scipy's defaults (``mode="reflect"``, ``truncate=4.0``) and its uint8 output -- each 1-D pass
+  truncated to an integer -- are part of the result. PIL's ``GaussianBlur`` is a box-filter
+  approximation and differs by up to ~15 grey levels.
 """
 from __future__ import annotations
 
@@ -12,7 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from PIL import Image, ImageFilter
+import numpy as np
+from PIL import Image
 
 SIDBENCH_SWEEP = ("jpeg95", "jpeg90", "jpeg50", "jpeg30", "blur2", "blur4")
 
@@ -41,8 +51,18 @@ class Perturbation:
             with Image.open(buf) as out:
                 return out.convert("RGB")
         if m.group(3) is not None:
-            return img.filter(ImageFilter.GaussianBlur(radius=float(m.group(3))))
+            return gaussian_blur(img, float(m.group(3)))
         return img
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """UnivFD's/SIDBench's blur: scipy's Gaussian filter per channel, written back into uint8."""
+    from scipy.ndimage import gaussian_filter  # lazy: scipy loads only when a sweep blurs
+
+    arr = np.array(img.convert("RGB"))  # a writable copy, (H, W, 3) uint8
+    for c in range(3):
+        gaussian_filter(arr[:, :, c], sigma=sigma, output=arr[:, :, c])
+    return Image.fromarray(arr)
 
 
 def parse_sweep(spec: str | Sequence[str]) -> list[Perturbation]:

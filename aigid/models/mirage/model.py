@@ -26,6 +26,7 @@ from torch import nn
 
 from aigid import ops
 from aigid.data.transforms import Errors, ImageInput, eval_transform, prepare, to_pixels
+from aigid.models.card import drop_hf_fields, hf_fields, write_model_card
 from aigid.models.checkpoint import save_state_dict
 from aigid.models.configs import shipped_config
 from aigid.models.mirage.clip_backbone import build_backbone
@@ -176,9 +177,12 @@ class MiraGe(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad}
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """config.json + model.safetensors (prompts and couplings only); a backbone without a
-        named source of weights (random init) is saved beside them in backbone.safetensors."""
+    def save_pretrained(self, directory: Union[str, os.PathLike],
+                        summary: Optional[dict[str, Any]] = None) -> None:
+        """config.json (with HF-style ``model_type``/``architectures``/``id2label``) +
+        model.safetensors (prompts and couplings only) + README.md (the model card; ``summary``:
+        ``aigid train``'s, for its training data and metrics); a backbone without a named source
+        of weights (random init) is saved beside them in backbone.safetensors."""
         os.makedirs(directory, exist_ok=True)
         config = asdict(self.config)
         if not self.backbone_has_weights:
@@ -188,13 +192,14 @@ class MiraGe(nn.Module):
         # save_state_dict, not save_file: the file gets the umask's mode, not safetensors' 0600
         save_state_dict(os.path.join(directory, WEIGHTS_FILE), self.trainable_state_dict())
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
+            json.dump({**hf_fields("mirage"), **config}, f, indent=2)
+        write_model_card(directory, self, summary)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], cache_dir: Optional[str] = None,
                         map_location: str = "cpu", download: bool = False) -> "MiraGe":
         with open(os.path.join(directory, CONFIG_FILE)) as f:
-            raw = json.load(f)
+            raw = drop_hf_fields(json.load(f), "mirage")  # folders with and without HF keys load alike
         backbone = dict(raw["backbone"])
         weights_file = backbone.pop("weights_file", None)
         raw["backbone"] = backbone

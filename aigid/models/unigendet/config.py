@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from aigid.models.card import drop_hf_fields
 from aigid.models.configs import shipped_config
 from aigid.models.unigendet.mot import MoTConfig
 from aigid.models.unigendet.siglip import SigLIPConfig
@@ -78,7 +79,7 @@ class UniGenDetConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "UniGenDetConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        raw = dict(raw)
+        raw = drop_hf_fields(raw, "unigendet")  # config.json's HF-style keys are not ours to keep
         for name in _LEGACY_FIELDS:
             if name in raw:
                 log.info("UniGenDet config: ignoring legacy field %r (each image now keeps its aspect; "

@@ -46,6 +46,7 @@ from torchvision.transforms import v2 as T
 from aigid.data.bagel_resize import BagelResize
 from aigid.data.transforms import Errors, ImageInput, Prepared, eval_transform, is_single, prepare
 from aigid.errors import MissingHeadError
+from aigid.models.card import hf_fields, write_model_card
 from aigid.models.checkpoint import load_into, save_state_dict
 from aigid.models.unigendet import flow
 from aigid.models.unigendet.config import GENERATION_PRESETS, UniGenDetConfig
@@ -484,9 +485,12 @@ class UniGenDet(nn.Module):
         return Generated(latents=latents, images=images)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """config.json + model.safetensors (BAGEL/UniGenDet keys); a seeded random VAE that was
-        built is saved beside them (vae.safetensors); a VAE from ``vae.path`` stays referenced."""
+    def save_pretrained(self, directory: Union[str, os.PathLike],
+                        summary: Optional[dict[str, Any]] = None) -> None:
+        """config.json (with HF-style ``model_type``/``architectures``/``id2label``) +
+        model.safetensors (BAGEL/UniGenDet keys) + README.md (the model card; ``summary``: a
+        training summary, for its data and metrics); a seeded random VAE that was built is saved
+        beside them (vae.safetensors); a VAE from ``vae.path`` stays referenced."""
         os.makedirs(directory, exist_ok=True)
         save_state_dict(os.path.join(directory, WEIGHTS_FILE), self.state_dict())
         if self._vae is not None and not self.config.vae.get("path"):
@@ -494,7 +498,8 @@ class UniGenDet(nn.Module):
         raw = asdict(self.config)
         raw["cfg_interval"] = list(raw["cfg_interval"])
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(raw, f, indent=2)
+            json.dump({**hf_fields("unigendet"), **raw}, f, indent=2)
+        write_model_card(directory, self, summary)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], checkpoint: Optional[Union[str, os.PathLike]] = None,

@@ -1,0 +1,94 @@
+"""Export a detector for serving without aigid's Python: ONNX or a ``torch.export`` program.
+
+The exported graph takes preprocessed pixels (N, 3, S, S) — the output of the detector's
+``preprocess``, S its crop size — and returns P(fake), (N,) float32: ``predict``'s numbers. The
+batch size is dynamic. MiraGe's class anchors come from the text tower, which does not depend
+on the image: they are computed once here and stored in the graph as a constant, so the
+exported model is the prompted vision tower, one matrix product and a softmax.
+
+UniGenDet is not exportable: each image keeps its aspect (variable S), its VAE latents are
+sampled with a per-image seeded generator, its SigLIP image is made by PIL from the 8-bit VAE
+image, and the packed sequence layout is built in Python per batch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["export_model", "ExportableMiraGe", "FORMATS"]
+
+log = logging.getLogger(__name__)
+FORMATS = ("onnx", "torch-export")
+Format = Literal["onnx", "torch-export"]
+
+
+class ExportableMiraGe(nn.Module):
+    """pixels (N, 3, S, S) → P(fake) (N,): MiraGe's inference path with the anchors and the
+    vision prompts frozen. Only the vision tower is a submodule: the text tower stays out of the
+    exported file."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.visual = detector.clip.visual              # registered: its weights go in the graph
+        self._encoder = [detector.vision_encoder]       # a list: not a second copy of the tower
+        with torch.no_grad():
+            # buffers, so the exporters store them as constants of the graph
+            self.register_buffer("anchors", detector.anchors().detach().clone())           # (C, E)
+            self.register_buffer("vision_prompts", detector.prompts.vision().detach().clone())
+            self.register_buffer("logit_scale", detector.clip.logit_scale.exp().float().detach().clone())
+        self.fake_index = 1  # MiraGe's class order: ["Real", "Fake"]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(self._encoder[0](pixels, self.vision_prompts).float(), dim=-1)
+        logits = self.logit_scale * h @ self.anchors.T  # predict's expression, same order
+        return logits.float().softmax(-1)[:, self.fake_index]
+
+
+def _exportable(detector: Any) -> tuple[nn.Module, int]:
+    arch = getattr(getattr(detector, "config", None), "arch", None)
+    if arch == "unigendet":
+        raise NotImplementedError("UniGenDet cannot be exported (variable-size images, sampled VAE "
+                                  "latents, PIL resizing and a packed sequence built in Python); "
+                                  "serve it with aigid")
+    if arch != "mirage":
+        raise ValueError(f"cannot export a {type(detector).__name__} (arch {arch!r})")
+    return ExportableMiraGe(detector).eval(), int(detector.config.preprocess["size"])
+
+
+def export_model(detector: Any, path: Union[str, os.PathLike], format: Format = "onnx",
+                 opset: int = 18) -> str:
+    """Write ``detector`` (a MiraGe) to ``path`` as ``format``; returns the path.
+
+    ``"torch-export"``: ``torch.export.export`` + ``torch.export.save`` (a ``.pt2`` file; load it
+    with ``torch.export.load(path).module()``). ``"onnx"``: ``torch.onnx.export`` (needs the
+    ``onnx`` and ``onnxscript`` packages; run it with onnxruntime). Input ``pixels`` (N, 3, S, S)
+    float32, output ``p_fake`` (N,) float32; N is dynamic. The model is exported on CPU in
+    float32 (``predict`` on CPU computes in float32 too)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    path = os.fspath(path)
+    module, size = _exportable(detector)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in module.state_dict().values()):
+        module = copy.deepcopy(module).to("cpu", torch.float32)  # the caller's detector stays as it is
+    example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = {"pixels": {0: batch}}
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with torch.no_grad():
+        if format == "torch-export":
+            program = torch.export.export(module, (example,), dynamic_shapes=shapes)
+            torch.export.save(program, path)
+        else:
+            torch.onnx.export(module, (example,), path, input_names=["pixels"], output_names=["p_fake"],
+                              dynamic_shapes=shapes, opset_version=opset, dynamo=True,
+                              external_data=False, verbose=False)
+    log.info("aigid: exported %s to %s (%s, input (N, 3, %d, %d) preprocessed pixels, output P(fake))",
+             type(detector).__name__, path, format, size, size)
+    return path
