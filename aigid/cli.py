@@ -336,6 +336,8 @@ def _cmd_train(args) -> int:
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never follow it
         raise CommandFailed(f"{args.pretrained or args.model}: holds pickled objects other than "
                             f"weights, which aigid does not load") from None
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
     print(f"saved detector to {args.out} ({summary['steps']} steps, {summary['seconds']} s)")
     if "val" in summary:
         _print_json(summary["val"]["overall"])
@@ -371,6 +373,8 @@ def _check_eval(args) -> None:
         raise UsageError("--format and --report DIR go together: the framework, and the folder its files go to")
     if args.report:
         _writable_dir(args.report, "report folder")
+    if args.plots:
+        _writable_dir(args.plots, "plots folder")
     _detector_arg(args.detector)
 
 
@@ -381,7 +385,7 @@ def _cmd_eval(args) -> int:
     _set_verdict(detector, args.verdict)
     result = evaluate(detector, args.data, split=args.split, batch_size=args.batch_size,
                       num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
-                      robustness=args.robustness or ())
+                      robustness=args.robustness or (), plots_dir=args.plots)
     if args.format:
         from aigid.eval_formats import write_report
         written = write_report(result, args.report, args.format)
@@ -417,7 +421,7 @@ def _cmd_scan(args) -> int:
                                 decoder=args.decoder, num_workers=args.workers,
                                 resume=not args.no_resume, retry_errors=args.retry_errors,
                                 threshold=args.threshold, export=args.export, progress=not args.quiet,
-                                sniff=args.sniff)
+                                sniff=args.sniff, evidence=not args.no_evidence)
     except sqlite3.DatabaseError as err:
         raise CommandFailed(f"{args.out}: not a usable results file ({err})") from None
     if not any(summary.get(k) for k in ("scored", "errors", "skipped")):
@@ -426,6 +430,10 @@ def _cmd_scan(args) -> int:
                 "--sniff reads their content)") if others else ""
         log.warning("no images found under %s (looked for image files, .tar/.zip shards and "
                     ".txt/.lst lists)%s", ", ".join(args.paths), more)
+    if summary.get("declared_ai") or summary.get("declared_camera"):
+        log.info("provenance: %d images declare AI generation (the detector labelled %d of them real); "
+                 "%d carry a camera capture claim", summary.get("declared_ai", 0),
+                 summary.get("declared_ai_missed", 0), summary.get("declared_camera", 0))
     _print_json(summary)
     return 0  # unreadable images are results (stored with their reason), not a failure
 
@@ -446,6 +454,73 @@ def _cmd_export(args) -> int:
     except sqlite3.DatabaseError as err:
         raise CommandFailed(f"{args.db}: not a usable results file ({err})") from None
     print(json.dumps({"exported": n, "out": args.out}))
+    return 0
+
+
+def _check_train_unigendet(args) -> None:
+    _must_exist(args.data, "data config")
+    if args.data.endswith(".json"):
+        _json_file(args.data, "data config")
+    if os.path.isdir(args.model):
+        _detector_folder(args.model)
+    elif args.model not in ("tiny", "bagel-7b"):
+        raise UsageError(f"{args.model}: no such model folder, and not a shipped config (tiny, bagel-7b)")
+    if args.checkpoint:
+        _must_exist(args.checkpoint, "checkpoint")
+    if args.data_state:
+        _json_file(args.data_state, "data state")
+    _writable_dir(args.out, "output folder")
+
+
+def _cmd_train_unigendet(args) -> int:
+    from aigid.train_unigendet_run import run_unigendet_training
+
+    train = {k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup_steps)) if v is not None}
+    summary = run_unigendet_training({
+        "stage": args.stage, "data": args.data, "out": args.out, "model": args.model,
+        "checkpoint": args.checkpoint, "preset": args.preset, "steps": args.steps, "seed": args.seed,
+        "device": None if args.device == "auto" else args.device, "train": train,
+        "data_state": args.data_state, "checkpoint_every": args.checkpoint_every,
+        "gradient_checkpointing": args.gradient_checkpointing, "progress": not args.quiet})
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
+    print(f"saved UniGenDet to {args.out} ({summary['steps']} steps, {summary['tokens']} tokens, "
+          f"{summary['seconds']} s)")
+    if sum(summary["skipped"].values()):
+        log.warning("skipped samples %s (see %s)", summary["skipped"], os.path.join(args.out, "train_summary.json"))
+    return 0
+
+
+def _check_calibrate(args) -> None:
+    _device(args.device)
+    _detector_arg(args.detector)
+    ours = os.path.isfile(os.path.join(args.detector, "config.json"))
+    if args.out is None and (args.checkpoint or not ours):
+        raise UsageError(f"{args.detector}: calibrate stores into a folder written by save_pretrained; "
+                         f"give --out DIR for a name, a base/release folder or --checkpoint")
+    if args.target_fpr is not None and not 0 <= args.target_fpr < 1:
+        raise UsageError(f"--target-fpr {args.target_fpr}: must be in [0, 1)")
+    _labelled(args.data, args.split)
+    if args.out:
+        _writable_dir(args.out, "detector folder")
+
+
+def _cmd_calibrate(args) -> int:
+    from aigid.calibration import save_calibration
+    from aigid.evaluate import calibrate
+
+    detector = _load_detector(args)
+    report = calibrate(detector, args.data, split=args.split, method=args.method,
+                       target_fpr=args.target_fpr, balanced=args.balanced,
+                       batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    if args.out:
+        detector.save_pretrained(args.out)
+        written = args.out
+    else:
+        written = save_calibration(args.detector, report["calibration"])  # config.json only, atomically
+    log.info("stored %s calibration, threshold %.4g (%s) in %s", report["method"], report["threshold"],
+             report["rule"], written)
+    _print_json({**{k: v for k, v in report.items() if k != "calibration"}, "written": str(written)})
     return 0
 
 
@@ -539,11 +614,13 @@ def _add_allow_download(p: argparse.ArgumentParser) -> None:
                    help="fetch missing backbone/VAE weights from the network (off: local caches only)")
 
 
-def _add_detector(p: argparse.ArgumentParser) -> None:
+def _add_detector(p: argparse.ArgumentParser, threshold: Optional[float] = 0.5) -> None:
     p.add_argument("--detector", required=True, help="detector folder (save_pretrained) or name")
     p.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the --detector base folder")
-    p.add_argument("--threshold", type=_probability, default=0.5, help="label = fake when score > threshold (0..1; a score equal to it is real, as "
-                   "UnivFD/SIDBench/DeepfakeBench count)")
+    stored = "" if threshold is not None else " (default: the detector's stored threshold, else 0.5)"
+    p.add_argument("--threshold", type=_probability, default=threshold,
+                   help="label = fake when score > threshold (0..1; a score equal to it is real, as "
+                   f"UnivFD/SIDBench/DeepfakeBench count){stored}")
 
 
 def _add_demo(sub) -> None:
@@ -588,6 +665,9 @@ def _add_train(sub) -> None:
     t.add_argument("--checkpoint-every", type=_non_negative, default=500,
                    help="optimiser steps between checkpoints in OUT.partial/ (0: only on Ctrl-C)")
     _add_runtime(t, batch_size=32)
+    for action in t._actions:
+        if action.dest == "batch_size":
+            action.help = "images per batch (per process under torchrun)"
 
 
 def _add_eval(sub) -> None:
@@ -602,6 +682,8 @@ def _add_eval(sub) -> None:
                    help="also write the results as that framework does, into --report (clean numbers in "
                    "DIR, each --robustness perturbation in DIR/<name>)")
     e.add_argument("--report", metavar="DIR", help="folder for --format's files")
+    e.add_argument("--plots", metavar="DIR", help="write roc.png and reliability.png here "
+                   "(pip install 'aigid[plots]')")
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
                    "blur sigma 2/4) or a list like jpeg90,blur2 (default: none)")
     _add_runtime(e, batch_size=64)
@@ -611,7 +693,9 @@ def _add_scan(sub) -> None:
     s = _command(sub, "scan", "score every image under folders, tar/zip shards or file lists into a "
                  "resumable SQLite results file", _cmd_scan, _check_scan)
     s.add_argument("paths", nargs="+", metavar="PATH", help="folder, image, .tar/.zip shard, or .txt/.lst list")
-    _add_detector(s)
+    _add_detector(s, threshold=None)
+    s.add_argument("--no-evidence", action="store_true",
+                   help="do not read provenance evidence (C2PA, IPTC/XMP, generator metadata) from the files")
     s.add_argument("--out", default="results.sqlite", help="SQLite results file (created or resumed); "
                    "one scan writes it at a time, and labels follow the latest scan's --threshold")
     s.add_argument("--export", help="also write this model's results to a .jsonl, .csv or .parquet file")
@@ -637,6 +721,48 @@ def _add_export(sub) -> None:
     x.add_argument("--model", help="only this detector's results (default: all)")
     x.add_argument("--threshold", type=_probability,
                    help="label = fake when score > threshold (default: each model's latest scan's)")
+
+
+def _add_train_unigendet(sub) -> None:
+    t = _command(sub, "train-unigendet", "train UniGenDet (GDUF or DIGA) from FakeClue conversations and "
+                 "text-to-image shards; under torchrun, sharded with FSDP2", _cmd_train_unigendet,
+                 _check_train_unigendet)
+    t.add_argument("data", help="data config (JSON): detection (FakeClue JSON/JSONL + image_root), "
+                   "generation (tar shards, parquet or t2i JSON), det_weight/gen_weight, max_tokens")
+    t.add_argument("--stage", choices=("gduf", "diga"), required=True, help="GDUF (stage 1) or DIGA (stage 2)")
+    t.add_argument("--out", required=True, help="output folder (model, train_log.jsonl, train_summary.json)")
+    t.add_argument("--model", default="tiny", help="shipped config (tiny, bagel-7b), a saved folder or a "
+                   "BAGEL base folder (under torchrun: a folder)")
+    t.add_argument("--checkpoint", help="fine-tuned weights merged over a BAGEL base --model")
+    t.add_argument("--preset", choices=("code", "paper"), default="code",
+                   help="the released scripts' hyper-parameters, or the paper's")
+    t.add_argument("--steps", type=_positive, default=1000, help="optimizer steps (packs)")
+    t.add_argument("--lr", type=_positive_float, help="learning rate (default: the preset's)")
+    t.add_argument("--warmup-steps", type=_non_negative, help="linear warm-up steps (default: the preset's)")
+    t.add_argument("--checkpoint-every", type=_non_negative, default=0,
+                   help="DCP checkpoints in OUT/checkpoints every this many steps; a rerun resumes (0: off)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    t.add_argument("--data-state", help="data_state.json of an earlier run: continue its data")
+    t.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each rank's LOCAL_RANK GPU)")
+
+
+def _add_calibrate(sub) -> None:
+    c = _command(sub, "calibrate", "fit calibrated P(fake) and a threshold on a labelled held-out split; "
+                 "stored in the detector's config (predict, scan and eval use them)", _cmd_calibrate,
+                 _check_calibrate)
+    c.add_argument("detector", help="detector folder (save_pretrained)")
+    c.add_argument("data", help="labelled folder or manifest")
+    c.add_argument("--split", default="val", help="held-out split folder (never the training one)")
+    c.add_argument("--method", choices=("temperature", "isotonic"), default="temperature",
+                   help="temperature scaling or isotonic regression")
+    rule = c.add_mutually_exclusive_group()
+    rule.add_argument("--target-fpr", type=float,
+                      help="threshold: the smallest with FPR on the reals <= this, e.g. 0.01 (default: 0.5)")
+    rule.add_argument("--balanced", action="store_true", help="threshold: best balanced accuracy")
+    c.add_argument("--out", help="save the calibrated detector here instead of updating DETECTOR/config.json")
+    c.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the base folder (needs --out)")
+    _add_runtime(c, batch_size=64)
 
 
 def _add_export_model(sub) -> None:
@@ -666,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"aigid {__version__}")
     _common(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_eval, _add_scan, _add_export, _add_export_model, _add_make_aligned):
+    for add in (_add_demo, _add_train, _add_train_unigendet, _add_eval, _add_scan, _add_export, _add_calibrate,
+                _add_export_model, _add_make_aligned):
         add(sub)
     _command(sub, "backends", "which optional backends this machine has", _cmd_backends)
     return p

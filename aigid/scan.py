@@ -22,6 +22,13 @@ results are yielded; ``resume=True`` skips ids already stored for this detector 
 unless ``retry_errors``), so a killed scan restarted with the same arguments finishes the job with
 nothing lost and nothing counted twice. The detector is identified by ``model_id``: a fingerprint
 of its architecture, config and weights, so another detector (or other weights) does not skip.
+
+Provenance (``evidence=True``, the default): the decode workers read what each file declares
+about its origin (C2PA manifest, IPTC ``DigitalSourceType``, generator metadata;
+``aigid.provenance``) from the bytes they already hold; it rides along as ``ScanResult.evidence``
+and the store's ``evidence`` column. It never changes a score; the summary counts the images
+that declared AI (``declared_ai``) and those of them the detector labelled real
+(``declared_ai_missed``).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
+from aigid.provenance import DECLARED_AI, DECLARED_CAMERA, provenance_of
 from aigid.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
 
 __all__ = ["ScanResult", "scan", "scan_to_store", "model_id", "default_workers"]
@@ -57,6 +65,7 @@ class ScanResult:
     score: Optional[float]
     label: Optional[int]
     error: Optional[str]
+    evidence: Optional[str] = None  # what the file declares about its origin (JSON text)
 
 
 # --------------------------------------------------------------------------- detector identity
@@ -150,9 +159,9 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
          out: Optional[PathArg] = None, batch_size: int = 64,
          device: Optional[Union[str, torch.device]] = None, decoder: str = "auto",
          num_workers: Optional[int] = None, resume: bool = True, retry_errors: bool = False,
-         threshold: float = 0.5, export: Optional[PathArg] = None, progress: bool = True,
+         threshold: Optional[float] = None, export: Optional[PathArg] = None, progress: bool = True,
          model: Optional[str] = None, stats: Optional[dict[str, Any]] = None,
-         sniff: bool = False) -> Iterator[ScanResult]:
+         sniff: bool = False, evidence: bool = True) -> Iterator[ScanResult]:
     """Score every image under ``paths``; yield a ``ScanResult`` per item as batches finish.
 
     ``paths``: folders (walked), image files, tar/zip shards, ``.txt``/``.lst`` lists.
@@ -160,7 +169,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
     resume, nothing written: results are only yielded).
     ``device``: moves the detector there (default: where it already is). ``decoder``: ``"auto"``,
     ``"dali"`` or ``"pil"``. ``num_workers``: decode processes (default ``default_workers``).
-    ``label`` is ``score > threshold`` (a probability in [0, 1]; a score equal to it is real); in
+    ``label`` is ``score > threshold`` (a probability in [0, 1]; a score equal to it is real; default:
+    the detector's stored threshold from ``aigid calibrate``, else 0.5); in
     the store it becomes the threshold in force for this model, also for rows skipped as done.
     ``export``: after the scan, write this model's results to a .jsonl/.csv/.parquet file.
     ``model``: the id results are stored under (default ``model_id(detector)``). ``stats``, if
@@ -168,6 +178,9 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
     The summary's ``skipped_not_image`` counts the files left out as not images, by extension.
     ``sniff``: identify images by their first bytes whatever their name (a JPEG named ``.dat``, a
     PNG with no extension); without it, the extension list decides.
+    ``evidence``: read each file's provenance evidence (``ScanResult.evidence``, JSON text; see
+    ``aigid.provenance``); the summary's ``declared_ai`` counts the scored images that declared
+    AI, ``declared_ai_missed`` those of them labelled real, ``declared_camera`` capture claims.
     Items are yielded in completion order, not enumeration order.
     """
     from aigid.data.batches import choose_decoder, iter_batches
@@ -179,6 +192,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     if export is not None and out is None:
         raise ValueError("export= needs a results store (out=...) to export from")
+    if threshold is None:  # the detector's stored threshold (``aigid calibrate``), else 0.5
+        threshold = float(getattr(detector, "threshold", 0.5))
     threshold = check_threshold(threshold)
     preprocess = getattr(getattr(detector, "config", None), "preprocess", None)
     if not isinstance(preprocess, dict):
@@ -212,6 +227,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         raise
 
     counts = {"scored": 0, "errors": 0}
+    declared = {"declared_ai": 0, "declared_ai_missed": 0, "declared_camera": 0}
     not_images: Counter = Counter()  # filled as batches arrive, from every worker
     bar = tqdm(desc="scan", unit="img", disable=not progress, dynamic_ncols=True)
     # OpenMP's thread count is per thread: give the scoring thread the caller's setting.
@@ -229,14 +245,18 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                                f"{len(batch.records)} images")
         now = time.time()
         # NaN: a text verdict whose answer names neither class — stored as an error with its reason.
-        results = [ScanResult(r.id, r.hash, r.size, s, label_of(s, threshold), None) if s == s else
-                   ScanResult(r.id, r.hash, r.size, None, None, NO_VERDICT)
+        results = [ScanResult(r.id, r.hash, r.size, s, label_of(s, threshold), None, r.evidence)
+                   if s == s else
+                   ScanResult(r.id, r.hash, r.size, None, None, NO_VERDICT, r.evidence)
                    for r, s in zip(batch.records, scores.tolist())]
-        results += [ScanResult(r.id, r.hash, r.size, None, None, r.error or "unreadable")
-                    for r in batch.errors]
+        results += [ScanResult(r.id, r.hash, r.size, None, None, r.error or "unreadable",
+                               r.evidence) for r in batch.errors]
         if store is not None:  # one transaction per batch: all of it or none of it
-            store.write(ResultRow(x.id, mid, x.hash, x.size, x.score, None, x.error, now, run)
+            store.write(ResultRow(x.id, mid, x.hash, x.size, x.score, None, x.error, now, run,
+                                  x.evidence)
                         for x in results)  # the label is derived on read, not stored
+        if evidence:
+            _count_declared(results, declared)
         counts["scored"] += len(batch.records)
         counts["errors"] += len(batch.errors)
         bar.update(len(results))
@@ -246,7 +266,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
 
     try:
         batches = iter_batches(paths, preprocess, batch_size, device=dev, decoder=chosen,
-                               num_workers=workers, skip=skip, sniff=sniff, not_images=not_images)
+                               num_workers=workers, skip=skip, sniff=sniff, not_images=not_images,
+                               evidence=evidence)
         pending = None
         for batch in batches:
             future = pool.submit(_predict, detector, batch.pixels, autocast) \
@@ -263,7 +284,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         seconds = time.perf_counter() - started
-        summary = {**counts, "skipped": skip.total() if skip is not None else 0,
+        summary = {**counts, **(declared if evidence else {}),
+                   "skipped": skip.total() if skip is not None else 0,
                    "skipped_not_image": dict(sorted(not_images.items())),
                    "seconds": round(seconds, 3),
                    "images_per_s": round((counts["scored"] + counts["errors"]) / max(seconds, 1e-9), 1),
@@ -284,12 +306,26 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
             stats.update(summary)
 
 
+def _count_declared(results: list[ScanResult], declared: dict[str, int]) -> None:
+    """Add a batch's scored items that declared AI (and those labelled real) or a capture."""
+    for x in results:
+        if x.score is None or not x.evidence:
+            continue
+        kind = provenance_of(x.evidence)
+        if kind == DECLARED_AI:
+            declared["declared_ai"] += 1
+            declared["declared_ai_missed"] += x.label == 0
+        elif kind == DECLARED_CAMERA:
+            declared["declared_camera"] += 1
+
+
 def scan_to_store(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                   out: PathArg, **kwargs: Any) -> dict[str, Any]:
     """Run ``scan`` into the store ``out`` (required: the results are kept nowhere else) to the
     end without keeping them in memory; return the summary:
-    ``scored``, ``errors``, ``skipped``, ``skipped_not_image``, ``seconds``, ``images_per_s``,
-    ``model``, ``out``..."""
+    ``scored``, ``errors``, ``skipped``, ``skipped_not_image``, ``declared_ai``,
+    ``declared_ai_missed``, ``declared_camera``, ``seconds``, ``images_per_s``, ``model``,
+    ``out``..."""
     stats: dict[str, Any] = {}
     for _ in scan(paths, detector, out=out, stats=stats, **kwargs):
         pass

@@ -1,13 +1,15 @@
 """The results store of ``aigid scan``: one SQLite file, one writer, safe to kill at any moment.
 
-Tables (schema version 1)::
+Tables (schema version 2)::
 
-    results(id, model, hash, size, score, error, time, run)   PRIMARY KEY (id, model)
+    results(id, model, hash, size, score, error, time, run, evidence)   PRIMARY KEY (id, model)
     runs(run, model, detector, preprocess, threshold, version, decoder, paths, started, finished,
          summary)
 
 Several detectors may share one file: a row is keyed by (item id, model fingerprint), and
-``results.run`` names the run that scored it. Labels are not stored: a reader derives
+``results.run`` names the run that scored it. ``results.evidence`` is the provenance evidence the
+file declared (JSON text from ``aigid.provenance.evidence_json``; NULL when not read); exports
+write it as a JSON object (JSONL), JSON text (CSV) or a string (Parquet). Labels are not stored: a reader derives
 ``label = score > threshold`` (fake strictly above it, as UnivFD, SIDBench and DeepfakeBench
 count) with the threshold asked for (``rows(threshold=)``, ``export(threshold=)``) or, by
 default, the threshold of the latest run of that model -- so a rescan with a new threshold
@@ -16,7 +18,8 @@ relabels every stored row without rescoring one.
 Ownership: a file is ours when ``PRAGMA application_id`` is ``APPLICATION_ID`` and
 ``user_version`` is the schema version. Before anything is written, an existing file is
 inspected read-only: an empty SQLite file (or none) is initialised; a file of aigid before the
-marks (version 0: ``results`` with a ``label`` column) is migrated in one transaction; anything
+marks (version 0: ``results`` with a ``label`` column) or of version 1 (no ``evidence`` column)
+is migrated in one transaction (its rows kept, their evidence NULL); anything
 else -- another program's SQLite file, a file that is not SQLite, a newer aigid schema -- is
 refused with ``StoreError`` and left byte-identical (no tables, no WAL switch).
 
@@ -62,17 +65,17 @@ __all__ = ["ResultRow", "ResultStore", "DoneFilter", "WriterLock", "StoreError",
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x61696764  # "aigd": marks a SQLite file as an aigid results store
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_THRESHOLD = 0.5  # for rows of a model that has no run recording a threshold
-COLUMNS = ("id", "model", "hash", "size", "score", "label", "error", "time")  # of an export
+COLUMNS = ("id", "model", "hash", "size", "score", "label", "error", "time", "evidence")  # export
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
              ".pq": "parquet"}
 
-_RESULTS_V1 = """
+_RESULTS = """
 CREATE TABLE {name} (
     id TEXT NOT NULL, model TEXT NOT NULL, hash TEXT, size INTEGER, score REAL, error TEXT,
-    time REAL, run INTEGER REFERENCES runs (run), PRIMARY KEY (id, model)
+    time REAL, run INTEGER REFERENCES runs (run), evidence TEXT, PRIMARY KEY (id, model)
 );
 """
 _RUNS = """
@@ -83,20 +86,22 @@ CREATE TABLE runs (
 );
 """
 _MARK = f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
-_CREATE = _RUNS + _RESULTS_V1.format(name="results") + _MARK
+_CREATE = _RUNS + _RESULTS.format(name="results") + _MARK
 # Version 0 (before the marks) stored a label frozen at scan time; a label is now derived on read.
-_MIGRATE_V0 = (_RESULTS_V1.format(name="results_v1")
-               + "INSERT INTO results_v1 (id, model, hash, size, score, error, time, run) "
+_MIGRATE_V0 = (_RESULTS.format(name="results_new")
+               + "INSERT INTO results_new (id, model, hash, size, score, error, time, run) "
                  "SELECT id, model, hash, size, score, error, time, NULL FROM results;"
-                 "DROP TABLE results; ALTER TABLE results_v1 RENAME TO results;" + _MARK)
+                 "DROP TABLE results; ALTER TABLE results_new RENAME TO results;" + _MARK)
+# Version 1 had no evidence column; adding one is a schema edit in SQLite (no row is rewritten).
+_MIGRATE_V1 = "ALTER TABLE results ADD COLUMN evidence TEXT;" + _MARK
 _V0_RESULTS = {"id", "model", "hash", "size", "score", "label", "error", "time"}
 _NEW = -1  # _schema_version of an empty file: initialise it
 
 # On conflict the newer result wins: that is how --retry-errors replaces an error row.
-_UPSERT = ("INSERT INTO results (id, model, hash, size, score, error, time, run) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, model) DO UPDATE SET "
+_UPSERT = ("INSERT INTO results (id, model, hash, size, score, error, time, run, evidence) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, model) DO UPDATE SET "
            "hash=excluded.hash, size=excluded.size, score=excluded.score, error=excluded.error, "
-           "time=excluded.time, run=excluded.run")
+           "time=excluded.time, run=excluded.run, evidence=excluded.evidence")
 
 
 def label_of(score: float, threshold: float) -> int:
@@ -120,7 +125,8 @@ class ResultRow:
     """One row of ``results`` (``score``/``label`` are None for an error, ``error`` for a score).
 
     ``label`` is derived when a row is read (``score > threshold``); ``write`` ignores it.
-    ``run`` is the id of the run that scored the row (None for rows of a version-0 file)."""
+    ``run`` is the id of the run that scored the row (None for rows of a version-0 file).
+    ``evidence``: the file's provenance evidence as JSON text (None when it was not read)."""
     id: str
     model: str
     hash: Optional[str]
@@ -130,6 +136,7 @@ class ResultRow:
     error: Optional[str]
     time: float
     run: Optional[int] = None
+    evidence: Optional[str] = None
 
 
 def encode_id(ident: str) -> Union[str, bytes]:
@@ -254,7 +261,7 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{path}: written by a newer aigid (results schema {version}; this "
                              f"version reads up to {SCHEMA_VERSION}): upgrade aigid")
-        if version == SCHEMA_VERSION:
+        if version in (1, SCHEMA_VERSION):
             return version
         raise StoreError(f"{path}: unknown aigid results schema version {version}")
     if app == 0 and version == 0:
@@ -328,7 +335,7 @@ class ResultStore:
     def _initialise(self, version: int) -> int:
         if version == SCHEMA_VERSION:
             return version
-        script = _CREATE if version == _NEW else _MIGRATE_V0
+        script = {_NEW: _CREATE, 0: _MIGRATE_V0, 1: _MIGRATE_V1}[version]
         try:
             self.conn.executescript(f"BEGIN IMMEDIATE; {script} COMMIT;")
         except BaseException:
@@ -338,6 +345,9 @@ class ResultStore:
         if version == 0:
             log.info("%s: migrated the results file to schema %d (labels now follow the "
                      "threshold in force)", self.path, SCHEMA_VERSION)
+        elif version == 1:
+            log.info("%s: migrated the results file to schema %d (an evidence column; earlier "
+                     "rows have none)", self.path, SCHEMA_VERSION)
         return SCHEMA_VERSION
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -372,8 +382,8 @@ class ResultStore:
     def write(self, rows: Iterable[ResultRow]) -> int:
         """Insert or replace ``rows`` in one transaction (all or nothing); returns the count.
         The rows' ``label`` is not stored: readers derive it from the score."""
-        values = [(encode_id(r.id), r.model, r.hash, r.size, r.score, r.error, r.time, r.run)
-                  for r in rows]
+        values = [(encode_id(r.id), r.model, r.hash, r.size, r.score, r.error, r.time, r.run,
+                   r.evidence) for r in rows]
         with self.conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
             self.conn.executemany(_UPSERT, values)
         return len(values)
@@ -457,14 +467,17 @@ class ResultStore:
         in_force = self.thresholds() if threshold is None else {}
         if threshold is not None:
             threshold = check_threshold(threshold)
-        run = "run" if self.version == SCHEMA_VERSION else "NULL"  # a version-0 file, read-only
+        # Older files, read-only: version 0 has no run column, versions 0-1 no evidence.
+        run = "run" if self.version >= 1 else "NULL"
+        evidence = "evidence" if self.version >= 2 else "NULL"
         where, args = _where(model, None)
-        cur = self.conn.execute(f"SELECT id, model, hash, size, score, error, time, {run} "
-                                f"FROM results{where} ORDER BY model, id", args)
-        for ident, mod, digest, size, score, error, when, run_id in cur:
+        cur = self.conn.execute(f"SELECT id, model, hash, size, score, error, time, {run}, "
+                                f"{evidence} FROM results{where} ORDER BY model, id", args)
+        for ident, mod, digest, size, score, error, when, run_id, ev in cur:
             t = threshold if threshold is not None else in_force.get(mod, DEFAULT_THRESHOLD)
             label = None if score is None else label_of(score, t)
-            yield ResultRow(decode_id(ident), mod, digest, size, score, label, error, when, run_id)
+            yield ResultRow(decode_id(ident), mod, digest, size, score, label, error, when, run_id,
+                            ev)
 
     # ---- export --------------------------------------------------------------------------
     def export(self, path: Union[str, os.PathLike], format: Optional[str] = None,
@@ -473,6 +486,7 @@ class ResultStore:
 
         ``format=None`` takes it from the suffix (.jsonl/.ndjson, .csv, .parquet/.pq). Ids are
         shown with ``display_id``; scores are the stored float64s (CSV writes ``repr``, exact).
+        ``evidence`` is a JSON object in JSONL, JSON text in CSV and a string in Parquet.
         ``label`` is ``score > threshold``; ``threshold=None``: each model's threshold in force
         (that of its latest run).
         """
@@ -490,6 +504,8 @@ class ResultStore:
             log.info("%s: labels = score > the latest run's threshold per model %s", path,
                      self.thresholds())
         rows = (_export_dict(r) for r in self.rows(model, threshold=threshold))
+        if fmt == "jsonl":
+            rows = (_evidence_object(rec) for rec in rows)
         return {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}[fmt](path, rows)
 
 
@@ -543,6 +559,18 @@ def _export_dict(row: ResultRow) -> dict[str, Any]:
     rec = {k: getattr(row, k) for k in COLUMNS}
     rec["id"] = display_id(encode_id(row.id))
     return rec
+
+
+def _evidence_object(rec: dict[str, Any]) -> dict[str, Any]:
+    """JSONL shows evidence as the object it is (stored text that is not JSON stays text)."""
+    if rec.get("evidence"):
+        try:
+            rec["evidence"] = json.loads(rec["evidence"])
+        except ValueError:
+            pass
+    return rec
+
+
 def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -573,7 +601,8 @@ def _write_parquet(path: str, rows: Iterable[dict], chunk: int = 65536) -> int:
                           "(or export to .jsonl / .csv)") from err
     schema = pa.schema([("id", pa.string()), ("model", pa.string()), ("hash", pa.string()),
                         ("size", pa.int64()), ("score", pa.float64()), ("label", pa.int8()),
-                        ("error", pa.string()), ("time", pa.float64())])
+                        ("error", pa.string()), ("time", pa.float64()),
+                        ("evidence", pa.string())])
     n, buf = 0, []
     with pq.ParquetWriter(path, schema) as writer:  # streamed: millions of rows in bounded memory
         def flush() -> None:

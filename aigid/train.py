@@ -17,6 +17,13 @@ detector. Ctrl-C finishes the current step, writes the checkpoint and raises
 :class:`TrainingInterrupted`; ``resume=True`` continues from it to the same result as a run that
 was never stopped (the batch order and each image's augmentation are drawn from seeds keyed by
 epoch and image, not from a stream that a restart would reset).
+
+Data-parallel under ``torchrun --nproc_per_node N`` (or any initialised default process group):
+``batch_size`` is per rank, and each global batch of N·batch_size (the batch one process would
+draw with that size) is cut into contiguous per-rank slices; ``aigid.dist_gather`` gathers the
+embeddings so the loss, the step and the memory bank equal one process's with the global batch.
+Only rank 0 touches ``out`` (folders, log, checkpoints, the detector); it reads the checkpoint
+on resume and hands it to every rank, so ``out`` need not be on a shared file system.
 """
 from __future__ import annotations
 
@@ -32,9 +39,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from aigid import dist_gather
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import discover, has_split, summarise, warn_format_bias
 from aigid.data.transforms import train_transform
@@ -190,81 +199,158 @@ def train(config: Union[TrainConfig, dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"warmup_epochs must be ≥ 0, got {cfg.warmup_epochs}")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be ≥ 0 (0: off), got {cfg.checkpoint_every}")
+    device = _device(cfg.device)
+    created = dist_gather.init_from_env(device)
+    try:
+        return _train(cfg, device)
+    finally:
+        if created:
+            torch_dist.destroy_process_group()
+
+
+def _device(name: str) -> torch.device:
+    """``device_of``, except that a bare "cuda" under torchrun means this rank's LOCAL_RANK GPU."""
+    device = device_of(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    rank, world = dist_gather.rank_and_world()
     target = os.path.abspath(cfg.out)  # one spelling: "runs/x/" and "runs/x" are one folder
     work = target + PARTIAL_SUFFIX
-    resume_from = check_folders(cfg, target, work)
+    resume_from = dist_gather.from_rank0(lambda: check_folders(cfg, target, work))
     _seed_everything(cfg.seed)
-    device = device_of(cfg.device)
     split = "train" if has_split(cfg.data, "train") else None
     items = discover(cfg.data, split)
     labels = {s.label for s in items}
     if labels != {0, 1}:
         raise ValueError(f"{cfg.data}: training needs both real and fake images, found labels {labels}")
     fingerprint = run_fingerprint(cfg, items)
-    meta, saved = read_checkpoint(resume_from) if resume_from else (None, None)
-    if meta is not None and meta["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
-        raise ValueError(f"{resume_from}: this run differs from the interrupted one in {changed}; "
-                         "resume with the settings and data it started with, or --overwrite to start over")
-    warn_format_bias(items)
+    if world > 1:  # the global batch depends on it (absent for one process: older checkpoints match)
+        fingerprint["world_size"] = world
+        if any(f != fingerprint for f in dist_gather.all_gather_objects(fingerprint)):
+            raise ValueError(f"{cfg.data}: the ranks see different training images or settings; "
+                             "every rank must read the same data with the same command")
+    meta, saved = dist_gather.from_rank0(lambda: _read_resumable(resume_from, fingerprint))
+    if rank == 0:
+        warn_format_bias(items)
     val = cfg.val or (cfg.data if has_split(cfg.data, "val") else None)
     val_split = "val" if val is not None and cfg.val is None else None
 
     model = build_model(cfg).to(device)
+    if world > 1:
+        dist_gather.broadcast_module(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     dataset = _SeededItems(LabelledImages(items, train_transform(model.config.preprocess)), cfg.seed)
-    steps_per_epoch = len(_epoch_batches(len(items), cfg.batch_size, cfg.seed, 0))
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = len(_epoch_batches(len(items), global_batch, cfg.seed, 0))
     total = cfg.epochs * steps_per_epoch
     total = total if cfg.max_steps is None else min(cfg.max_steps, total)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
 
-    start_work(work, resuming=meta is not None)
     log_path = os.path.join(work, LOG_FILE)
+    dist_gather.from_rank0(lambda: _start_work(work, log_path, meta))
     if meta is not None:
         prog = restore(meta, saved, model, opt)
-        os.truncate(log_path, meta["log_bytes"])  # drop steps logged after the checkpoint
-        logger.info("aigid train: resuming %s at step %d/%d", cfg.out, prog.step, total)
+        if rank == 0:
+            logger.info("aigid train: resuming %s at step %d/%d", cfg.out, prog.step, total)
     else:
         prog = Progress()
     ckpt = Checkpointer(os.path.join(work, CHECKPOINT_FILE), log_path, model, opt, prog, fingerprint)
     model.train()
-    bar = tqdm(total=total, initial=prog.step, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=total, initial=prog.step, desc="train", unit="step",
+               disable=not cfg.progress or rank != 0)
     # line-buffered: the file shows each step as it ends, and its size is what a checkpoint records
-    log = open(log_path, "a" if meta is not None else "w", buffering=1)
+    log = open(log_path if rank == 0 else os.devnull, "a" if meta is not None else "w", buffering=1)
     try:
         with _StopOnInterrupt() as stop:
-            while prog.step < total and not stop.requested:
-                batches = _epoch_batches(len(items), cfg.batch_size, cfg.seed, prog.epoch)[prog.batch:]
-                loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+            stopped = False  # a stop every rank agreed on (one process: its own Ctrl-C)
+            while prog.step < total and not stopped:
+                batches = _epoch_batches(len(items), global_batch, cfg.seed, prog.epoch)[prog.batch:]
+                mine = [dist_gather.rank_slice(b, rank, world) for b in batches]
+                loader = DataLoader(dataset, batch_sampler=mine, num_workers=cfg.num_workers,
                                     collate_fn=collate_skipping_errors, pin_memory=device.type == "cuda",
                                     worker_init_fn=_ignore_sigint if cfg.num_workers else None)
                 stepped = False
                 for batch in loader:
                     prog.batch += 1
-                    prog.errors.update({relative_to(items[i].path, cfg.data): e for i, e in batch["errors"]})
-                    if batch["pixels"] is not None and batch["labels"].numel() > 0:
-                        _step(model, opt, batch, device, prog, total, warmup_steps, cfg, log, bar)
+                    sizes, errors = _share(batch)
+                    prog.errors.update({relative_to(items[i].path, cfg.data): e for i, e in errors})
+                    if sum(sizes) > 0:
+                        _step(model, opt, params, batch, sizes if world > 1 else None, device, prog,
+                              total, warmup_steps, cfg, log, bar)
                         stepped = True
-                    if prog.step >= total or stop.requested:
+                    stopped = dist_gather.any_rank(stop.requested)
+                    if prog.step >= total or stopped:
                         break
                     if cfg.checkpoint_every and prog.step % cfg.checkpoint_every == 0 \
                             and prog.step != ckpt.saved_step:
-                        ckpt.save()
+                        _save(ckpt)
                 else:  # the epoch ran to its end
                     if not stepped and len(batches) == steps_per_epoch:
                         raise ValueError(f"{cfg.data}: no training image could be read "
                                          f"({len(prog.errors)} unreadable files)")
                     prog.epoch, prog.batch = prog.epoch + 1, 0
-            if stop.requested:
-                ckpt.save()
+                    stopped = dist_gather.any_rank(stop.requested)
+            if stopped:
+                _save(ckpt)
                 raise interrupted_error(ckpt.path, prog.step, total)
     finally:
         bar.close()
         log.close()
     ckpt.clock()
+    summary = dist_gather.from_rank0(
+        lambda: _finish_and_swap(cfg, model, items, val, val_split, split, prog, device, work,
+                                 target, ckpt, total, world))
+    model.eval()
+    summary["detector"] = model
+    return summary
+
+
+def _read_resumable(resume_from: Optional[str], fingerprint: dict[str, Any]) -> tuple[Any, Any]:
+    """The checkpoint to resume from (meta, tensors), or (None, None); refuses a changed run."""
+    if resume_from is None:
+        return None, None
+    meta, saved = read_checkpoint(resume_from)
+    if meta["fingerprint"] != fingerprint:
+        keys = set(fingerprint) | set(meta["fingerprint"])
+        changed = sorted(k for k in keys if meta["fingerprint"].get(k) != fingerprint.get(k))
+        raise ValueError(f"{resume_from}: this run differs from the interrupted one in {changed}; "
+                         "resume with the settings and data it started with, or --overwrite to start over")
+    return meta, saved
+
+
+def _start_work(work: str, log_path: str, meta: Optional[dict[str, Any]]) -> None:
+    start_work(work, resuming=meta is not None)
+    if meta is not None:
+        os.truncate(log_path, meta["log_bytes"])  # drop steps logged after the checkpoint
+
+
+def _save(ckpt: Checkpointer) -> None:
+    """Rank 0 writes the checkpoint; every rank records the step, so all decide alike next time."""
+    dist_gather.from_rank0(ckpt.save)
+    ckpt.saved_step = ckpt.prog.step
+
+
+def _share(batch: dict[str, Any]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Each rank's readable-image count and every rank's unreadable files: all ranks then agree
+    whether to step and keep the same skip list."""
+    n = 0 if batch["pixels"] is None else int(batch["labels"].numel())
+    every = dist_gather.all_gather_objects((n, batch["errors"]))
+    return [k for k, _ in every], [e for _, errs in every for e in errs]
+
+
+def _finish_and_swap(cfg: TrainConfig, model: MiraGe, items: list, val: Optional[str],
+                     val_split: Optional[str], split: Optional[str], prog: Progress,
+                     device: torch.device, work: str, target: str, ckpt: Checkpointer, total: int,
+                     world: int) -> dict[str, Any]:
+    """Write the detector and swap it into ``target`` (rank 0); returns the summary."""
     try:
-        summary = _finish(cfg, model, items, val, val_split, split, prog, device, work, target)
+        summary = _finish(cfg, model, items, val, val_split, split, prog, device, work, target, world)
     except BaseException as err:
         # Saving and evaluating change no training state: checkpoint it, so that a Ctrl-C here or
         # a full disk costs a resume with no steps left, not the training.
@@ -282,21 +368,30 @@ def train(config: Union[TrainConfig, dict[str, Any]]) -> dict[str, Any]:
     leftover = os.path.join(target, CHECKPOINT_FILE)  # removed after the swap: no state is ever lost
     if os.path.exists(leftover):
         os.remove(leftover)
-    summary["detector"] = model
     return summary
 
 
-def _step(model: MiraGe, opt: torch.optim.Optimizer, batch: dict[str, Any], device: torch.device,
-          prog: Progress, total: int, warmup_steps: int, cfg: TrainConfig, log: Any, bar: Any) -> None:
-    pixels = batch["pixels"].to(device, non_blocking=True)
+def _step(model: MiraGe, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+          batch: dict[str, Any], sizes: Optional[list[int]], device: torch.device, prog: Progress,
+          total: int, warmup_steps: int, cfg: TrainConfig, log: Any, bar: Any) -> None:
+    """One optimiser step; ``sizes`` (each rank's rows) under data parallelism, else None."""
+    pixels = batch["pixels"]
+    # a rank whose slice held no readable image still joins the step, with 0 rows
+    pixels = torch.empty(0, device=device) if pixels is None else pixels.to(device, non_blocking=True)
     y = batch["labels"].to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model.training_loss(pixels, y)
+        if sizes is None:
+            out = model.training_loss(pixels, y)
+        else:
+            out = model.training_loss(pixels, y, dist_gather.gatherer(sizes))
+            y = out["labels"]  # the global batch's
     lr = scheduled_lr(prog.step, total, warmup_steps, cfg.lr, cfg.warmup_lr)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
+    if sizes is not None:
+        dist_gather.average_gradients(params)
     opt.step()
     prog.step += 1
     acc = (out["logits"].argmax(-1) == y).float().mean().item()
@@ -309,7 +404,7 @@ def _step(model: MiraGe, opt: torch.optim.Optimizer, batch: dict[str, Any], devi
 
 def _finish(cfg: TrainConfig, model: MiraGe, items: list, val: Optional[str], val_split: Optional[str],
             split: Optional[str], prog: Progress, device: torch.device, work: str,
-            target: str) -> dict[str, Any]:
+            target: str, world: int = 1) -> dict[str, Any]:
     """Write the detector and its summary into the work folder (nothing absolute: the folder
     must load wherever it is moved; the data paths are recorded as given)."""
     model.eval()
@@ -318,7 +413,7 @@ def _finish(cfg: TrainConfig, model: MiraGe, items: list, val: Optional[str], va
     config["out"] = os.path.basename(target)
     summary: dict[str, Any] = {
         "config": config, "model": asdict(model.config), "steps": prog.step,
-        "seconds": round(prog.seconds, 2), "device": str(device),
+        "seconds": round(prog.seconds, 2), "device": str(device), "world_size": world,
         "train_data": summarise(items), "train_split": split, "resumed_at_steps": prog.resumed_at,
         "skipped_files": [{"path": p, "error": e} for p, e in sorted(prog.errors.items())],
     }

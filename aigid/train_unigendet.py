@@ -26,26 +26,45 @@ ours by default (``[VAE] [ViT] [question]``) or, with ``teacher_prompt="code"``,
 code's ``[VAE] [forensic prompt with the caption] [ViT]`` (:func:`teacher_inputs`).
 Unlike the released loop (which swallowed every exception per step and so never applied
 DIGA's loss), errors here propagate.
+
+Distributed (``torchrun``, :mod:`aigid.dist`): :func:`build_sharded` builds the model on the meta
+device, ``fully_shard``s every MoT decoder layer and SigLIP encoder layer and then the root on the
+``(replicate, shard)`` mesh (hybrid sharding; bf16 compute with fp32 gradient reduction on CUDA),
+and loads the weights read by rank 0. Both trainers take ``run=RunOptions(ctx, checkpoint_dir,
+...)``. Every loss is a sum over this rank's samples/tokens divided by the count summed over all
+ranks, and every random draw (VAE posterior seeds, timesteps, noise, CFG drop) is drawn for the
+whole global batch on every rank and sliced: N ranks × local batch b reproduce one process with
+the concatenated batch (the ranks' batches in rank order), losses and weights alike. DIGA's
+teacher is a second model built from the same weights (:func:`build_teacher`), never a deep copy
+of a sharded student. Checkpoints (``torch.distributed.checkpoint``) hold model, optimizer,
+scheduler, EMA, the run's generator and the caller's data position; :func:`export_pretrained`
+writes a ``from_pretrained`` folder with BAGEL's key names from rank 0.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aigid import backends
-from aigid.models.unigendet import DetInputs, GenInputs, UniGenDet, detection_loss, flow, patchify_latents
+from aigid import dist as adist
+from aigid.dist import DistContext
+from aigid.models.unigendet import DetInputs, GenInputs, UniGenDet, UniGenDetConfig, flow, patchify_latents
+from aigid.models.unigendet.model import fake_label_to_class
 
 __all__ = ["DetectionItem", "GenerationItem", "GDUFConfig", "DIGAConfig", "gduf_losses", "train_gduf",
            "mixed_batches", "warmup_factor", "make_teacher", "diga_layer_index", "diga_trainable_names",
            "DIGA_CODE_PROMPT", "teacher_inputs", "teacher_targets", "diga_alignment", "diga_losses",
-           "train_diga", "detection_batch", "generation_batch", "EMA"]
+           "train_diga", "detection_batch", "generation_batch", "EMA", "RunOptions", "shard_unigendet",
+           "build_sharded", "build_teacher", "export_pretrained", "is_sharded"]
 
 log = logging.getLogger(__name__)
 
@@ -194,36 +213,58 @@ def _draw_seed(generator: Optional[torch.Generator]) -> Optional[int]:
     return None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
-def _item_latents(model: UniGenDet, items, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class _Part:
+    """This rank's run of one kind of item inside the global batch (the ranks' items in rank
+    order): its first index and the global count, and the same for the items whose latents are
+    encoded (one posterior seed each). Every rank draws the global batch's random numbers and keeps
+    its slice, so N ranks draw exactly what one process would for the concatenated batch."""
+    offset: int
+    total: int
+    miss_offset: int
+    miss_total: int
+
+    @classmethod
+    def local(cls, items) -> "_Part":
+        return cls(0, len(items), 0, sum(it.latents is None for it in items))
+
+    def take(self, drawn: torch.Tensor, n: int) -> torch.Tensor:
+        return drawn[self.offset:self.offset + n]
+
+
+def _item_latents(model: UniGenDet, items, generator: Optional[torch.Generator],
+                  part: Optional[_Part] = None) -> list[torch.Tensor]:
     """Each item's latents: given, or encoded from its pixels (sampled posterior, as BAGEL)."""
+    part = part or _Part.local(items)
     missing = [i for i, it in enumerate(items) if it.latents is None]
     if any(items[i].pixels is None for i in missing):
         raise ValueError("an item needs latents or pixels")
+    seeds = [_draw_seed(generator) for _ in range(part.miss_total)][part.miss_offset:part.miss_offset + len(missing)]
     out = [None if it.latents is None else it.latents.to(model.device) for it in items]
     if missing:
-        encoded = model.encode_latents([items[i].pixels.to(model.device) for i in missing],
-                                       seed=[_draw_seed(generator) for _ in missing])
+        encoded = model.encode_latents([items[i].pixels.to(model.device) for i in missing], seed=seeds)
         for i, z in zip(missing, encoded):
             out[i] = z
     return out
 
 
 def detection_batch(model: UniGenDet, items: Sequence[DetectionItem],
-                    generator: Optional[torch.Generator] = None) -> tuple[DetInputs, torch.Tensor]:
+                    generator: Optional[torch.Generator] = None, *, part: Optional[_Part] = None,
+                    vit_pixels: Optional[list[torch.Tensor]] = None) -> tuple[DetInputs, torch.Tensor]:
     """Detection inputs and labels; the images may differ in size (each keeps its token grid)."""
     labels = torch.tensor([int(it.label) for it in items], device=model.device)
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError(f"detection labels must be 0 (real) or 1 (fake), got {labels.tolist()}")
     pixels = [it.pixels.to(model.device) for it in items]
-    det = model.detection_inputs(pixels, latents=_item_latents(model, items, generator),
+    det = model.detection_inputs(pixels, vit_pixels=vit_pixels, latents=_item_latents(model, items, generator, part),
                                  answers=[it.explanation for it in items])
     return det, labels
 
 
 def _generation_latents(model: UniGenDet, items: Sequence[GenerationItem],
-                        generator: Optional[torch.Generator]) -> torch.Tensor:
+                        generator: Optional[torch.Generator], part: Optional[_Part] = None) -> torch.Tensor:
     """(N, C, h, w): one latent grid per generation batch (``GenInputs.grid``), so sizes must match."""
-    lat = _item_latents(model, items, generator)
+    lat = _item_latents(model, items, generator, part)
     shapes = sorted({tuple(z.shape) for z in lat})
     if len(shapes) > 1:
         raise ValueError(f"generation items in one batch must share a size (one latent grid per batch); "
@@ -232,41 +273,108 @@ def _generation_latents(model: UniGenDet, items: Sequence[GenerationItem],
 
 
 def generation_batch(model: UniGenDet, items: Sequence[GenerationItem], shift: float,
-                     text_dropout: float, generator: torch.Generator):
+                     text_dropout: float, generator: torch.Generator, *, part: Optional[_Part] = None):
     """Noisy latents at sigmoid(randn)-shifted t, the clean latent tokens, the noise and the clean
-    latents (all seeded). The items must share one size."""
-    x0 = _generation_latents(model, items, generator)
+    latents (all seeded). The items must share one size. ``part``: this rank's slice of the global
+    batch, whose random numbers are drawn in full (see :class:`_Part`)."""
+    part = part or _Part.local(items)
+    x0 = _generation_latents(model, items, generator, part)
     tokens = patchify_latents(x0, model.config.latent_patch_size)
     n = tokens.shape[0]
-    t = flow.sample_timesteps(n, shift, generator=generator).to(model.device)
-    noise = torch.randn(tokens.shape, generator=generator).to(model.device, tokens.dtype)
-    drop = torch.rand(n, generator=generator) < text_dropout
+    t = part.take(flow.sample_timesteps(part.total, shift, generator=generator), n).to(model.device)
+    noise = part.take(torch.randn((part.total,) + tuple(tokens.shape[1:]), generator=generator), n)
+    noise = noise.to(model.device, tokens.dtype)
+    drop = part.take(torch.rand(part.total, generator=generator), n) < text_dropout
     prompts = [None if d else model.tokenizer.encode(it.prompt) for it, d in zip(items, drop.tolist())]
     x_t = flow.interpolate(tokens, noise, t)
     return GenInputs(prompts, x_t, t, model.latent_grid(x0.shape[-2:])), tokens, noise, x0
 
 
+# ---- the global batch across ranks ----------------------------------------------------------
+def _vit_calls(model: UniGenDet, pixels: Sequence[torch.Tensor]) -> int:
+    """SigLIP runs once per distinct image size: with per-layer sharding every rank must run it as
+    often as every other (each run all-gathers the layers' weights)."""
+    return len({tuple(model.vit_image(p.to(model.device)).shape) for p in pixels})
+
+
+def _gen_tokens(model: UniGenDet, items: Sequence[GenerationItem]) -> int:
+    """Latent tokens per generation sample (the first item's grid; one grid per batch is checked later)."""
+    if not items:
+        return 0
+    it, p = items[0], model.config.latent_patch_size
+    h, w = it.latents.shape[-2:] if it.latents is not None else \
+        [s // int(model.config.vae.get("downsample", 8)) for s in it.pixels.shape[-2:]]
+    return (h // p) * (w // p)
+
+
+def _plan(ctx: DistContext, det_items: Sequence, gen_items: Sequence, vit_calls: int,
+          gen_tokens: int) -> tuple[_Part, _Part]:
+    """Where this rank's detection and generation items sit in the global batch (one all-gather
+    of six ints). Ranks must agree on what runs: detection items on all ranks or none, as many
+    SigLIP image sizes, generation items on all or none, one latent grid — else every rank raises
+    the same error (rather than hanging in a collective)."""
+    local = [len(det_items), sum(it.latents is None for it in det_items), vit_calls,
+             len(gen_items), sum(it.latents is None for it in gen_items), gen_tokens]
+    rows = adist.all_gather_ints(local, ctx)
+    for what, col in (("whether they hold detection items", lambda r: r[0] > 0),
+                      ("the number of SigLIP image sizes", lambda r: r[2]),
+                      ("whether they hold generation items", lambda r: r[3] > 0),
+                      ("the generation latent grid (tokens per sample)", lambda r: r[5])):
+        if len({col(r) for r in rows}) > 1:
+            raise ValueError(f"sharded step: ranks disagree on {what}; per rank [det, det to encode, SigLIP "
+                             f"sizes, gen, gen to encode, gen tokens] = {rows}. Give every rank batches of "
+                             "the same kinds and bucket images by size.")
+    r = ctx.rank
+    part = lambda n, m: _Part(sum(x[n] for x in rows[:r]), sum(x[n] for x in rows),  # noqa: E731
+                              sum(x[m] for x in rows[:r]), sum(x[m] for x in rows))
+    return part(0, 1), part(3, 4)
+
+
+def _fm_sum(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching squared error summed (``flow.flow_loss`` is this over its element count)."""
+    return (pred.float() - flow.velocity_target(x0, noise).float()).pow(2).sum()
+
+
+def _ratio(total: torch.Tensor, count) -> torch.Tensor:
+    return total / count if float(count) > 0 else total * 0.0
+
+
 # ---- GDUF -----------------------------------------------------------------------------------
 def gduf_losses(model: UniGenDet, det_items: Sequence[DetectionItem], gen_items: Sequence[GenerationItem],
-                cfg: GDUFConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                cfg: GDUFConfig, generator: torch.Generator, *, ctx: Optional[DistContext] = None,
+                ) -> dict[str, torch.Tensor]:
     """One packed forward over detection + generation samples; weighted total in ``loss``.
 
     ``mix="paired"`` requires the two 1:1; ``"weighted"`` takes any mix (a batch without one
-    kind contributes 0 to that kind's losses)."""
+    kind contributes 0 to that kind's losses). Each loss is this rank's sum over samples (L_det),
+    answer tokens (L_exp) or latent elements (L_fm) divided by the count over all ranks of
+    ``ctx``; summed over ranks they are the global batch's means (one process: the means)."""
+    ctx = ctx or adist.single(model.device)
     if cfg.mix == "paired" and (len(det_items) != len(gen_items) or not det_items):
         raise ValueError(f"GDUF batches hold detection and generation samples 1:1 (mix='paired'), got "
                          f"{len(det_items)} and {len(gen_items)}")
     if not det_items and not gen_items:
         raise ValueError("empty GDUF batch")
-    det, labels = detection_batch(model, det_items, generator) if det_items else (None, None)
+    vit = [model.vit_image(it.pixels.to(model.device)) for it in det_items]
+    det_part, gen_part = _plan(ctx, det_items, gen_items, len({tuple(v.shape) for v in vit}),
+                               _gen_tokens(model, gen_items))
+    det, labels = detection_batch(model, det_items, generator, part=det_part, vit_pixels=vit) \
+        if det_items else (None, None)
     gen = None
     if gen_items:
-        gen, x0_tok, noise, _ = generation_batch(model, gen_items, cfg.timestep_shift, cfg.text_dropout, generator)
+        gen, x0_tok, noise, _ = generation_batch(model, gen_items, cfg.timestep_shift, cfg.text_dropout, generator,
+                                                 part=gen_part)
     out = model(det=det, gen=gen)
     zero = out.hidden.new_zeros((), dtype=torch.float32)
-    l_det = detection_loss(out.cls_logits, labels) if det is not None else zero
-    l_exp = F.cross_entropy(out.answer_logits.float(), out.answer_labels) if det is not None else zero
-    l_fm = flow.flow_loss(out.velocity, x0_tok, noise) if gen is not None else zero
+    has_answers = det is not None and out.answer_logits is not None
+    n_answer = adist.all_reduce_sum(torch.tensor(float(out.answer_labels.numel() if has_answers else 0),
+                                                 device=zero.device), ctx)
+    l_det = _ratio(F.cross_entropy(out.cls_logits.float(), fake_label_to_class(labels), reduction="sum"),
+                   det_part.total) if det is not None else zero
+    l_exp = _ratio(F.cross_entropy(out.answer_logits.float(), out.answer_labels, reduction="sum"),
+                   n_answer) if has_answers else zero
+    l_fm = _ratio(_fm_sum(out.velocity, x0_tok, noise), gen_part.total * x0_tok[0].numel()) \
+        if gen is not None else zero
     loss = cfg.lambda_det * l_det + cfg.lambda_exp * l_exp + cfg.lambda_fm * l_fm
     return {"loss": loss, "det": l_det.detach(), "exp": l_exp.detach(), "fm": l_fm.detach()}
 
@@ -297,6 +405,15 @@ def _optimizer(params: list[nn.Parameter], cfg: GDUFConfig) -> torch.optim.Optim
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
         if backends.has_bitsandbytes():
+            if any(p.device.type != "cuda" for p in params):
+                raise ValueError("optimizer='adamw8bit' (bitsandbytes AdamW8bit) runs on CUDA only; these "
+                                 "parameters are on the CPU: use optimizer='adamw'")
+            if any(_is_dtensor(p) for p in params):
+                # bitsandbytes allocates its 8-bit state with zeros_like(p) and hands p to its CUDA
+                # kernels: FSDP2's DTensor parameters break both (bitsandbytes issues #89, #1633).
+                raise ValueError("optimizer='adamw8bit' (bitsandbytes) does not support FSDP2-sharded "
+                                 "(DTensor) parameters: use optimizer='adamw' with sharding, or train "
+                                 "unsharded with adamw8bit")
             import bitsandbytes as bnb
             return bnb.optim.AdamW8bit(params, **kw)
         log.warning("bitsandbytes is not installed; using torch AdamW instead of AdamW8bit")
@@ -316,39 +433,131 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: GDUFConfig) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, cfg.warmup_steps))
 
 
+@dataclass
+class RunOptions:
+    """How a stage runs beyond one process's plain loop (every field optional).
+
+    ``ctx``: the torchrun context (:func:`aigid.dist.init`); the model must then come from
+    :func:`build_sharded`. ``checkpoint_dir`` / ``checkpoint_every``: a DCP checkpoint every that
+    many optimizer steps (and after the last); with ``resume`` the newest complete one under
+    ``checkpoint_dir`` is loaded first and training continues from its step — the caller reads
+    its data position with ``aigid.dist.latest_checkpoint(dir)[1]["data"]`` and hands in the
+    batches that follow it. ``data_state``: called at each checkpoint, a JSON-able dict saved
+    beside it (the data position)."""
+    ctx: Optional[DistContext] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    data_state: Optional[Callable[[], dict]] = None
+    resume: bool = True
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` went through ``fully_shard`` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+# The stage-unused modules are frozen before the optimizer is built: a parameter no gradient ever
+# reaches would have no optimizer state in a checkpoint but a zero state in the skeleton DCP loads
+# into (and FSDP would reduce zero gradients for it, so weight decay would move it).
+STAGE_UNUSED = {"gduf": ("diga_mlp.", "latent_to_vit_connector."), "diga": ("latent_to_vit_connector.",)}
+
+
+def _train_state(model, opt, sched, ema, generator) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "sched": sched.state_dict(), "rng": generator.get_state()}
+    if ema is not None:
+        state["ema"] = ema.shadow
+    return state
+
+
+def _resume(run: RunOptions, ctx: DistContext, model, opt, sched, ema, generator) -> int:
+    found = adist.latest_checkpoint(run.checkpoint_dir) if run.resume else None
+    if found is None:
+        return 0
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    path, meta = found
+    state = _train_state(model, opt, sched, ema, generator)
+    adist.load_checkpoint(path, state, ctx)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sched.load_state_dict(state["sched"])
+    generator.set_state(state["rng"])
+    log.info("resumed from %s (step %d)", path, meta["step"])
+    return int(meta["step"])
+
+
+def _save(run: RunOptions, ctx: DistContext, step: int, stage: str, model, opt, sched, ema, generator) -> None:
+    meta = {"stage": stage, "data": run.data_state() if run.data_state else None}
+    path = adist.save_checkpoint(run.checkpoint_dir, step, _train_state(model, opt, sched, ema, generator), meta, ctx)
+    log.info("checkpoint %s", path)
+
+
 def _run(model: UniGenDet, batches: Iterable, cfg: GDUFConfig, step_losses: Callable,
-         log_fn: Optional[Callable[[int, dict], None]]) -> tuple[list[dict[str, float]], Optional[EMA]]:
+         log_fn: Optional[Callable[[int, dict], None]], run: Optional[RunOptions] = None,
+         stage: str = "gduf") -> tuple[list[dict[str, float]], Optional[EMA]]:
+    run = run or RunOptions()
+    ctx = run.ctx or adist.single(model.device)
+    if ctx.distributed and not is_sharded(model):
+        raise ValueError("a distributed run needs the model from build_sharded (FSDP2), got a plain module")
+    for n, p in model.named_parameters():
+        if n.startswith(STAGE_UNUSED[stage]):
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
+    if is_sharded(model):
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if isinstance(m, FSDPModule):   # a parameter unused on one rank still joins the reduce-scatter
+                m.set_reduce_scatter_unused_params(True)
     opt = _optimizer(params, cfg)
     sched = _scheduler(opt, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
+    step = _resume(run, ctx, model, opt, sched, ema, gen) if run.checkpoint_dir else 0
     history = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
-    for step, batch in enumerate(batches):
+    for batch in batches:
         if step >= cfg.steps:
             break
         with autocast:
             losses = step_losses(batch, gen)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: non-finite loss {loss.item()} ({_floats(losses)})")
+        # Each rank's loss is its share of the global mean; the sum over ranks is what is logged.
+        names = list(losses)
+        summed = adist.all_reduce_sum(torch.stack([losses[k].detach().float() for k in names]), ctx)
+        report = dict(zip(names, summed))
+        if not torch.isfinite(report["loss"]):
+            raise FloatingPointError(f"step {step}: non-finite loss {report['loss'].item()} ({_floats(report)})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # FSDP averages gradients over the world; the shares must be summed, so scale back up.
+        (losses["loss"] * ctx.world_size if ctx.distributed else losses["loss"]).backward()
+        # The global gradient norm (logged; clipped when grad_clip is set): inf leaves the grads as they are.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         if ema is not None:
             ema.update(model)
-        history.append({**_floats(losses), "lr": lr})
+        history.append({**_floats(report), "grad_norm": float(_full(grad_norm)), "lr": lr})
         if log_fn is not None:
             log_fn(step, history[-1])
+        step += 1
+        if run.checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0:
+            _save(run, ctx, step, stage, model, opt, sched, ema, gen)
+    if run.checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every and history:
+        _save(run, ctx, step, stage, model, opt, sched, ema, gen)
     return history, ema
 
 
@@ -357,15 +566,19 @@ def _floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def train_gduf(model: UniGenDet, batches: Iterable[tuple[Sequence[DetectionItem], Sequence[GenerationItem]]],
-               cfg: Optional[GDUFConfig] = None, log: Optional[Callable[[int, dict], None]] = None,
-               ) -> tuple[list[dict[str, float]], Optional[EMA]]:
+               cfg: Optional[GDUFConfig] = None, log: Optional[Callable[[int, dict], None]] = None, *,
+               run: Optional[RunOptions] = None) -> tuple[list[dict[str, float]], Optional[EMA]]:
     """Stage 1, full fine-tuning. ``batches`` yields (detection items, generation items): build
-    them with :func:`mixed_batches` (1:1 for ``mix="paired"``, drawn by weight for ``"weighted"``).
+    them with :func:`mixed_batches` (1:1 for ``mix="paired"``, drawn by weight for ``"weighted"``);
+    under torchrun, this rank's share of the global batch.
 
-    Returns the per-step losses (with the step's ``lr``) and the EMA (when ``ema_decay`` is set;
-    ``ema.copy_to(model)``)."""
+    Returns the per-step losses (summed over ranks: the global batch's) with the step's ``lr``
+    and gradient norm ``grad_norm`` (before clipping), and the EMA (when ``ema_decay`` is set; ``ema.copy_to(model)``). ``run``: distribution and
+    checkpoints (:class:`RunOptions`). ``diga_mlp`` and ``latent_to_vit_connector`` (unused in
+    this stage) are frozen."""
     cfg = cfg or GDUFConfig()
-    return _run(model, batches, cfg, lambda b, g: gduf_losses(model, b[0], b[1], cfg, g), log)
+    ctx = run.ctx if run is not None else None
+    return _run(model, batches, cfg, lambda b, g: gduf_losses(model, b[0], b[1], cfg, g, ctx=ctx), log, run, "gduf")
 
 
 # ---- DIGA -----------------------------------------------------------------------------------
@@ -377,7 +590,11 @@ def diga_layer_index(layer: int, num_layers: int) -> int:
 
 
 def make_teacher(model: UniGenDet) -> UniGenDet:
-    """A frozen deep copy (eval mode, no grads) of the stage-1 model; shares the external VAE."""
+    """A frozen deep copy (eval mode, no grads) of the stage-1 model; shares the external VAE.
+    One process only: a sharded model's teacher comes from :func:`build_teacher`."""
+    if is_sharded(model):
+        raise ValueError("a sharded (FSDP2) model cannot be deep-copied into DIGA's teacher: build it from "
+                         "the same weights with build_teacher(source, ctx) and pass teacher=")
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -448,45 +665,171 @@ def teacher_targets(teacher: UniGenDet, pixels, latents, index: int, grid: tuple
         else:
             per_image = list(zip(out.vit_index, out.vit_grid))
         norm, targets = teacher.language_model.model.norm, []
+        if is_sharded(teacher):     # the final norm is read outside the forward: gather the root's shards
+            teacher.unshard()
         for pos, (gh, gw) in per_image:
             s = norm(states[pos]).float()                                   # (gh·gw, H)
             m = s.transpose(0, 1).reshape(1, s.shape[1], gh, gw)
             m = F.interpolate(m, size=tuple(grid), mode="bilinear", align_corners=False)
             targets.append(m[0].flatten(1).transpose(0, 1))                 # (h·w, H)
+        if is_sharded(teacher):
+            teacher.reshard()
         return torch.stack(targets)
 
 
-def diga_alignment(student: UniGenDet, out, index: int, target: torch.Tensor) -> torch.Tensor:
-    """mean(1 − cos(diga_mlp(raw layer-``index`` output at the noisy VAE tokens), target))."""
+def diga_alignment(student: UniGenDet, out, index: int, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """mean (or ``reduction="sum"``) of 1 − cos(diga_mlp(raw layer-``index`` output at the noisy
+    VAE tokens), target) over the latent tokens."""
     proj = student.diga_mlp(out.layer_outputs[index][out.gen_vae_index])
     if proj.shape != target.shape:
         raise ValueError(f"DIGA: student features {tuple(proj.shape)} vs teacher targets {tuple(target.shape)}")
-    return (1 - F.cosine_similarity(proj.float(), target.float(), dim=-1)).mean()
+    dist = 1 - F.cosine_similarity(proj.float(), target.float(), dim=-1)
+    return dist.sum() if reduction == "sum" else dist.mean()
 
 
 def diga_losses(student: UniGenDet, teacher: UniGenDet, items: Sequence[GenerationItem], cfg: DIGAConfig,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
+                generator: torch.Generator, *, ctx: Optional[DistContext] = None) -> dict[str, torch.Tensor]:
+    """L_flow + λ·L_DIGA on this rank's items; both are sums over this rank's latent elements /
+    tokens divided by the counts over all ranks of ``ctx`` (one process: the means)."""
+    ctx = ctx or adist.single(student.device)
     if any(it.pixels is None for it in items):
         raise ValueError("DIGA needs the ground-truth pixels of every generation item (the teacher's input)")
     index = diga_layer_index(cfg.layer, len(student.language_model.model.layers))
-    gen, x0_tok, noise, x0 = generation_batch(student, items, cfg.timestep_shift, cfg.text_dropout, generator)
+    _, part = _plan(ctx, [], items, _vit_calls(teacher, [it.pixels for it in items]), _gen_tokens(student, items))
+    gen, x0_tok, noise, x0 = generation_batch(student, items, cfg.timestep_shift, cfg.text_dropout, generator,
+                                              part=part)
     pixels = [it.pixels.to(student.device) for it in items]
     # The teacher reads the caption even where the student's prompt was dropped for CFG (as released).
     target = teacher_targets(teacher, pixels, x0, index, gen.grid, prompts=[it.prompt for it in items],
                              teacher_prompt=cfg.teacher_prompt)
     out = student(gen=gen, return_layers=(index,))
-    l_fm = flow.flow_loss(out.velocity, x0_tok, noise)
-    l_diga = diga_alignment(student, out, index, target)
+    l_fm = _ratio(_fm_sum(out.velocity, x0_tok, noise), part.total * x0_tok[0].numel())
+    l_diga = _ratio(diga_alignment(student, out, index, target, reduction="sum"), part.total * x0_tok.shape[1])
     return {"loss": l_fm + cfg.lam * l_diga, "fm": l_fm.detach(), "diga": l_diga.detach()}
 
 
 def train_diga(model: UniGenDet, batches: Iterable[Sequence[GenerationItem]], cfg: Optional[DIGAConfig] = None,
-               log: Optional[Callable[[int, dict], None]] = None, teacher: Optional[UniGenDet] = None,
-               ) -> tuple[UniGenDet, list[dict[str, float]], Optional[EMA]]:
+               log: Optional[Callable[[int, dict], None]] = None, teacher: Optional[UniGenDet] = None, *,
+               run: Optional[RunOptions] = None) -> tuple[UniGenDet, list[dict[str, float]], Optional[EMA]]:
     """Stage 2 on ``model`` (the student, trained in place); returns (teacher, history, ema).
-    Each batch's items must share one image size (one latent grid)."""
+    Each batch's items must share one image size (one latent grid). A sharded student needs
+    ``teacher=build_teacher(source, ctx)`` (no deep copy of a sharded model)."""
     cfg = cfg or DIGAConfig()
     teacher = teacher or make_teacher(model)
     _set_diga_trainable(model)
-    history, ema = _run(model, batches, cfg, lambda b, g: diga_losses(model, teacher, b, cfg, g), log)
+    ctx = run.ctx if run is not None else None
+    history, ema = _run(model, batches, cfg, lambda b, g: diga_losses(model, teacher, b, cfg, g, ctx=ctx), log,
+                        run, "diga")
     return teacher, history, ema
+
+
+# ---- sharding, loading, export ------------------------------------------------------------------
+def shard_unigendet(model: UniGenDet, ctx: DistContext, *, bf16: Optional[bool] = None,
+                    reshard_after_forward: bool = True) -> UniGenDet:
+    """FSDP2 ``fully_shard`` on every SigLIP encoder layer, every MoT decoder layer, ``diga_mlp``,
+    then the root (embeddings, heads, norms, connector and the rest), all on ``ctx.mesh`` — hybrid sharding:
+    shard within a node, replicate across nodes.
+
+    ``bf16`` (default: on CUDA): bf16 parameters in compute, fp32 gradient reduction, fp32 master
+    weights. Forward inputs are not cast by FSDP (``cast_forward_inputs=False``): its tree map
+    rebuilds dataclasses through ``__init__`` and ``PackedLayout`` has an ``init=False`` field; the
+    model casts its own embeddings to the parameters' dtype and the step runs under autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not ctx.distributed:
+        raise ValueError("shard_unigendet needs a distributed context (aigid.dist.init under torchrun)")
+    bf16 = ctx.device.type == "cuda" if bf16 is None else bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16 else MixedPrecisionPolicy(cast_forward_inputs=False)
+    kw = dict(mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for layer in model.vit_model.vision_model.encoder.layers:
+        fully_shard(layer, **kw)
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, **kw)
+    # DIGA calls diga_mlp after the forward: its own unit gathers and reduces around that call.
+    fully_shard(model.diga_mlp, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _source_config(source: str) -> UniGenDetConfig:
+    """The config of a saved UniGenDet folder (config.json) or a BAGEL release folder, without weights."""
+    from aigid.models.unigendet.release import release_config
+    ours = os.path.join(source, "config.json")
+    if os.path.isfile(ours):
+        with open(ours) as f:
+            raw = json.load(f)
+        if raw.get("arch") == "unigendet":
+            return UniGenDetConfig.from_dict(raw)
+    return release_config(source)
+
+
+def build_sharded(source: Union[str, os.PathLike], ctx: DistContext, *, bf16: Optional[bool] = None,
+                  gradient_checkpointing: bool = False, **load_kw) -> UniGenDet:
+    """``UniGenDet.from_pretrained(source, **load_kw)`` for a torchrun job, sharded.
+
+    Every rank builds the model on the meta device and shards it (:func:`shard_unigendet`), then
+    allocates only its shards; rank 0 alone reads the weights (``from_pretrained``: one full copy
+    in its host RAM) and ``set_model_state_dict(..., full_state_dict=True,
+    broadcast_from_rank0=True)`` sends every rank its pieces. (Per node, the plan is the node's
+    local rank 0 reading and broadcasting inside the node's shard group; over the cluster file
+    system rank 0 broadcasting to all is the simple form used here.) The external VAE is read by
+    every rank (small, frozen, replicated). In one process it is ``from_pretrained`` moved to
+    ``ctx.device``."""
+    source = os.fspath(source)
+    if not ctx.distributed:
+        model = UniGenDet.from_pretrained(source, **load_kw).to(ctx.device)
+        model.gradient_checkpointing = gradient_checkpointing
+        return model
+    import torch.distributed as tdist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    with torch.device("meta"):
+        model = UniGenDet(_source_config(source))
+    shard_unigendet(model, ctx, bf16=bf16)
+    model.to_empty(device=ctx.device)
+    full, heads = {}, [None]
+    if ctx.is_main:
+        ref = UniGenDet.from_pretrained(source, **load_kw)
+        full, heads = ref.state_dict(), [(ref.random_heads, ref.allow_random_heads, ref.source)]
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    tdist.broadcast_object_list(heads, src=0)
+    model.random_heads, model.allow_random_heads, model.source = list(heads[0][0]), heads[0][1], heads[0][2]
+    vae_file = os.path.join(source, "vae.safetensors")
+    if os.path.isfile(vae_file):
+        from safetensors.torch import load_file
+        model.vae.load_state_dict(load_file(vae_file, device=str(ctx.device)))
+    model.gradient_checkpointing = gradient_checkpointing
+    return model
+
+
+def build_teacher(source: Union[str, os.PathLike], ctx: DistContext, **kw) -> UniGenDet:
+    """DIGA's teacher: a second model from the same stage-1 weights, frozen, in eval mode and (under
+    torchrun) sharded like the student — never a deep copy of a sharded model."""
+    teacher = build_sharded(source, ctx, **kw).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def export_pretrained(model: UniGenDet, directory: Union[str, os.PathLike], ctx: Optional[DistContext] = None, *,
+                      ema: Optional[EMA] = None, summary: Optional[dict] = None) -> None:
+    """Write a ``UniGenDet.from_pretrained`` folder (safetensors, BAGEL's key names) from rank 0.
+
+    Every rank must call it: the full state dict is gathered shard by shard to rank 0's CPU
+    (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no GPU holds the whole
+    model. ``ema``: write the EMA weights instead of the trained ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    ctx = ctx or adist.single(model.device)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ema is not None:
+        for name, value in ema.shadow.items():
+            value = value.full_tensor() if _is_dtensor(value) else value
+            if ctx.is_main:
+                full[name] = value.detach().cpu().to(full[name].dtype)
+    if ctx.is_main:
+        with torch.device("meta"):
+            out = UniGenDet(model.config)
+        out.load_state_dict(full, assign=True)
+        if model._vae is not None:
+            out.__dict__["_vae"] = model._vae
+        out.save_pretrained(directory, summary)
+    adist.barrier(ctx)

@@ -149,3 +149,21 @@ def test_scan_sniff_flag_reads_images_by_content(trained, tmp_path, capsys):
     assert plain["scored"] == 0 and plain["skipped_not_image"] == {".dat": 1}
     assert main(args + ["--out", str(tmp_path / "b.sqlite"), "--sniff"]) == 0
     assert json.loads(capsys.readouterr().out)["scored"] == 1
+
+
+def test_calibrate_command_stores_calibration_and_threshold(trained, tmp_path, capsys):
+    """Catches `aigid calibrate` fitting but never storing (config.json unchanged), or storing a
+    threshold that eval then ignores."""
+    import shutil
+    root, det, _ = trained
+    mine = tmp_path / "det"
+    shutil.copytree(det, mine)
+    assert main(["calibrate", str(mine), str(root), "--split", "val", "--balanced", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    with open(mine / "config.json") as f:
+        stored = json.load(f)["calibration"]
+    assert stored["rule"] == "balanced" and stored["threshold"] == pytest.approx(report["threshold"], abs=1e-5)
+    assert main(["eval", str(root), "--detector", str(mine), "--split", "val", "--quiet"]) == 0
+    overall = json.loads(capsys.readouterr().out)["overall"]
+    assert overall["stored_threshold"] == pytest.approx(report["threshold"], abs=1e-4)
+    assert "ece" in overall and "brier" in overall

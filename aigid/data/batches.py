@@ -37,6 +37,7 @@ class Record:
     hash: Optional[str]  # blake2b-128 of the bytes, when they could be read
     size: Optional[int]  # bytes
     error: Optional[str]
+    evidence: Optional[str] = None  # provenance evidence (JSON text), when it was read
 
 
 @dataclass
@@ -61,7 +62,7 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
 
 
 def _records(meta: list[Meta]) -> list[Record]:
-    return [Record(m.id, m.hash, m.size, m.error) for m in meta]
+    return [Record(m.id, m.hash, m.size, m.error, m.evidence) for m in meta]
 
 
 def _check_skip(skip: Optional[Callable[[str], bool]], num_workers: int) -> None:
@@ -82,7 +83,7 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
                  dtype: torch.dtype = torch.float32, dali_threads: int = 4,
                  recursive: bool = True,
                  extensions: Optional[Collection[str]] = IMAGE_EXTENSIONS, sniff: bool = False,
-                 not_images: Optional[Counter] = None) -> Iterator[Batch]:
+                 not_images: Optional[Counter] = None, evidence: bool = False) -> Iterator[Batch]:
     """Yield ``Batch``es of up to ``batch_size`` decoded images for everything under ``paths``.
 
     ``skip(id)`` returning True leaves an item unread (resume). ``num_workers`` CPU processes read
@@ -90,6 +91,7 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
     batches) are prepared ahead, so decoding overlaps the caller's work on the current batch.
     ``sniff``: judge files by their first bytes instead of their extension. ``not_images``, if
     given, is filled (as batches arrive) with the files left out as not images, by extension.
+    ``evidence``: read each file's provenance evidence in the workers (``Record.evidence``).
     Arguments are checked here, before the first batch is asked for.
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
@@ -124,7 +126,8 @@ def iter_batches(paths: Sequence[PathArg] | PathArg, preprocess: dict[str, Any],
         from aigid.data.decode_dali import dali_eligible
         route = dali_eligible
     dataset = ScanDataset(list(paths), preprocess, batch_size, skip=skip, recursive=recursive,
-                          extensions=extensions, dtype=dtype, route=route, sniff=sniff)
+                          extensions=extensions, dtype=dtype, route=route, sniff=sniff,
+                          evidence=evidence)
     loader = make_loader(dataset, num_workers, prefetch, pin_memory=device.type == "cuda")
     if not_images is not None:
         loader = _tally(loader, not_images)

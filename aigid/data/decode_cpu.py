@@ -19,6 +19,10 @@ that would own it (the same CRC rule, since every worker walks everything), an a
 the archive's owner, so the sum over chunks counts each file once. With ``sniff=True`` a file's
 content decides instead of its name: every file is a candidate, and one whose name is not an image
 extension is scanned when its first bytes are an image signature, else counted as skipped.
+
+With ``evidence=True`` each worker also reads the provenance evidence (``aigid.provenance``: C2PA,
+IPTC XMP, generator metadata) from the bytes it already holds, before they are decoded here or
+routed to the GPU decoder, and carries it as JSON text in ``Meta.evidence``.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from aigid.data.sources import (IMAGE_EXTENSIONS, SNIFF_BYTES, Archive, ItemErro
                                 image_format, iter_units, read_file, skip_key, stream_archive)
 from aigid.data.dataset import stack_images
 from aigid.data.transforms import Transform, eval_transform, is_variable_size
+from aigid.provenance import evidence_json
 
 __all__ = ["Meta", "Chunk", "ScanDataset", "decode_image", "make_loader"]
 
@@ -50,6 +55,7 @@ class Meta(NamedTuple):
     hash: Optional[str]
     size: Optional[int]
     error: Optional[str]
+    evidence: Optional[str] = None  # provenance evidence, JSON text, when it was read
 
 
 @dataclass
@@ -91,11 +97,12 @@ class ScanDataset(IterableDataset):
                  batch_size: int, *, skip: Optional[Callable[[str], bool]] = None,
                  recursive: bool = True, extensions: Optional[Collection[str]] = IMAGE_EXTENSIONS,
                  dtype: torch.dtype = torch.float32,
-                 route: Optional[Callable[[bytes], bool]] = None, sniff: bool = False):
+                 route: Optional[Callable[[bytes], bool]] = None, sniff: bool = False,
+                 evidence: bool = False):
         super().__init__()
         self.paths, self.preprocess, self.batch_size = list(paths), dict(preprocess), batch_size
         self.skip, self.recursive, self.extensions = skip, recursive, extensions
-        self.dtype, self.route, self.sniff = dtype, route, sniff
+        self.dtype, self.route, self.sniff, self.evidence = dtype, route, sniff, evidence
         self._claimed = (None if extensions is None else  # names that say "image"
                          frozenset(e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in extensions))
@@ -194,14 +201,15 @@ class ScanDataset(IterableDataset):
                 errors.append(Meta(ident, None, nbytes, reason or "unreadable"))
             else:
                 digest, nbytes = content_hash(data), len(data)
+                found = evidence_json(data) if self.evidence else None  # never raises
                 if self.route is not None and self.route(data):
-                    encoded.append((Meta(ident, digest, nbytes, None), data))
+                    encoded.append((Meta(ident, digest, nbytes, None, found), data))
                 else:
                     try:
                         rows.append(decode_image(data, transform, row_dtype))
-                        meta.append(Meta(ident, digest, nbytes, None))
+                        meta.append(Meta(ident, digest, nbytes, None, found))
                     except ImageError as err:
-                        errors.append(Meta(ident, digest, nbytes, str(err)))
+                        errors.append(Meta(ident, digest, nbytes, str(err), found))
             if len(meta) + len(encoded) >= self.batch_size or \
                     len(errors) >= ERROR_FLUSH * self.batch_size:
                 yield flush()

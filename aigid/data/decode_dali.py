@@ -13,6 +13,10 @@ the PIL path, antialiased) -> ``fn.crop_mirror_normalize`` (centre S x S crop, m
 float CHW) -> copied into a torch tensor with ``feed_ndarray``. DALI is imported lazily: this
 module imports and routes without it.
 
+Provenance evidence is read by the CPU worker from the encoded bytes before they are routed here
+(``Meta.evidence``); every path below keeps each image's ``Meta`` whole, so a GPU-decoded image, a
+CPU-fallback one and an error record all carry it.
+
 ``iter_dali`` runs the GPU decode in a background thread with a bounded queue (``prefetch``
 batches ahead), so decoding batch k+1 overlaps the model's work on batch k.
 """

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aigid import ops
+from aigid.calibration import calibrate_scores, stored_threshold
 from aigid.data.transforms import Errors, ImageInput, eval_transform, prepare, to_pixels
 from aigid.models.card import drop_hf_fields, hf_fields, write_model_card
 from aigid.models.checkpoint import save_state_dict
@@ -56,6 +57,9 @@ class MiraGeConfig:
     # for UnivFD-style crop-only); None keeps the backbone's (resize shortest side + crop).
     preprocess: Optional[dict[str, Any]] = None
     sources: dict[str, str] = field(default_factory=dict)  # provenance notes, not used by the model
+    # aigid.calibration.Calibration.to_dict() (``aigid calibrate``): predict's calibration and
+    # the stored threshold; None = raw scores, threshold 0.5.
+    calibration: Optional[dict[str, Any]] = None
     arch: str = "mirage"
 
     @classmethod
@@ -126,17 +130,36 @@ class MiraGe(nn.Module):
         logits = self.clip.logit_scale.exp().float() * h @ e.T
         return {"logits": logits, "image_embeds": h, "anchors": e}
 
-    def training_loss(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_ce + α·L_dis on one batch; pushes the batch's embeddings into the bank afterwards."""
-        out = self(pixels)
-        ce = F.cross_entropy(out["logits"], labels)
+    def training_loss(self, pixels: torch.Tensor, labels: torch.Tensor,
+                      gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                      ) -> dict[str, torch.Tensor]:
+        """L_ce + α·L_dis on one batch; pushes the batch's embeddings into the bank afterwards.
+
+        ``gather`` (data-parallel training, ``aigid.dist_gather.gatherer``) concatenates every
+        rank's rows in rank order, gradients flowing back to this rank's: CE (averaged over the
+        global batch), the SupCon pool and the bank push then see the global batch, so every
+        rank computes the loss one process would with it, and keeps the same bank. A rank whose
+        slice is empty (0 rows) still joins the gathers."""
+        if gather is not None and pixels.shape[0] == 0:
+            # open_clip cannot embed 0 images; rows cut from the anchors keep this rank in the
+            # graph, whose backward is a collective every rank must join.
+            e = self.anchors()
+            out = {"anchors": e, "image_embeds": e[:0], "logits": e[:0] @ e.T}
+        else:
+            out = self(pixels)
+        h, logits = out["image_embeds"], out["logits"]
+        if gather is not None:  # one differentiable gather: one collective in the backward
+            pooled = gather(torch.cat([h, logits.to(h.dtype)], 1))
+            h, logits = pooled[:, :h.shape[1]], pooled[:, h.shape[1]:].to(logits.dtype)
+            labels = gather(labels)
+        ce = F.cross_entropy(logits, labels)
         bank_feats, bank_labels = self.bank.view()
         anchor_labels = torch.arange(out["anchors"].shape[0], device=labels.device)
-        dis = ops.supcon_bank_loss(out["image_embeds"], labels, bank_feats, bank_labels,
+        dis = ops.supcon_bank_loss(h, labels, bank_feats, bank_labels,
                                    out["anchors"], anchor_labels, self.config.temperature)
-        self.bank.push(out["image_embeds"], labels)
+        self.bank.push(h, labels)
         return {"loss": ce + self.config.alpha * dis, "ce": ce.detach(), "dis": dis.detach(),
-                "logits": out["logits"].detach()}
+                "logits": logits.detach(), "labels": labels}
 
     # ---- inference ------------------------------------------------------------------------
     @property
@@ -149,9 +172,10 @@ class MiraGe(nn.Module):
         return to_pixels(images, self._transform, self.device, errors=errors)
 
     @torch.no_grad()
-    def predict(self, images: ImageInput, *, errors: Errors = "raise",
-                return_errors: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
-        """P(fake) per image, (N,) float32 on CPU.
+    def predict(self, images: ImageInput, *, errors: Errors = "raise", return_errors: bool = False,
+                calibrated: bool = True) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
+        """P(fake) per image, (N,) float32 on CPU; calibrated by ``config.calibration`` when one
+        is stored (``aigid calibrate``) unless ``calibrated=False`` (the raw softmax).
 
         ``images``: one image or a list — paths, bytes, binary file objects, PIL images of any
         mode, uint8 numpy arrays (H, W[, C]) or uint8 tensors ((C, H, W) / (H, W, C)), each
@@ -171,7 +195,14 @@ class MiraGe(nn.Module):
                 logits = self(pixels)["logits"]
             scores = logits.float().softmax(-1)[:, 1].cpu()
         scores = prep.scatter(scores)
+        if calibrated:
+            scores = calibrate_scores(self.config, scores)
         return (scores, prep.errors) if return_errors else scores
+
+    @property
+    def threshold(self) -> float:
+        """Label = fake when P(fake) > this: the threshold stored by ``aigid calibrate``, else 0.5."""
+        return stored_threshold(self.config)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -387,7 +387,7 @@ class UniGenDet(nn.Module):
     @torch.no_grad()
     def predict(self, images: ImageInput, latents: Optional[Images] = None, *,
                 verdict: Optional[str] = None, max_new_tokens: Optional[int] = None,
-                errors: Errors = "raise", return_errors: bool = False
+                errors: Errors = "raise", return_errors: bool = False, calibrated: bool = True
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
         """P(fake) per image, (N,) float32 on CPU.
 
@@ -399,6 +399,8 @@ class UniGenDet(nn.Module):
         parsed as ``eval/det/fakevlm_test.py`` does — 1.0 "fake", 0.0 "real", NaN when the answer
         says neither (the public script leaves such answers out of its accuracy). The paper's
         accuracy is this mode's.
+        ``calibrated`` (default): a head score goes through ``config.calibration`` when one is
+        stored (``aigid calibrate``); ``False`` gives the raw softmax. Text verdicts never do.
 
         ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
         naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
@@ -420,7 +422,16 @@ class UniGenDet(nn.Module):
             labels = [parse_verdict(t) for t in texts]
             scores = torch.tensor([float("nan") if v is None else float(v) for v in labels])
         scores = prep.scatter(scores)
+        if calibrated and verdict == "head":
+            from aigid.calibration import calibrate_scores
+            scores = calibrate_scores(self.config, scores)
         return (scores, prep.errors) if return_errors else scores
+
+    @property
+    def threshold(self) -> float:
+        """Label = fake when P(fake) > this: the threshold stored by ``aigid calibrate``, else 0.5."""
+        from aigid.calibration import stored_threshold
+        return stored_threshold(self.config)
 
     @torch.no_grad()
     def explain(self, images: ImageInput, max_new_tokens: int = 256, temperature: float = 0.7,
