@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sqlite3
 import sys
 import traceback
@@ -404,16 +405,40 @@ def _check_scan(args) -> None:
     if missing:
         raise UsageError(f"no such path: {', '.join(missing)}")
     _device(args.device)
-    _writable_parent(args.out, "results file")
-    _results_file(args.out)
+    folder_out = False
+    if args.ray is not None:
+        from aigid.scan_ray import is_folder_out
+        folder_out = is_folder_out(args.out)
+        if args.actors is not None and not re.fullmatch(r"\d+(:\d+)?", args.actors):
+            raise UsageError(f"--actors {args.actors}: expected MIN or MIN:MAX, e.g. 2:8")
+    if not folder_out:
+        _writable_parent(args.out, "results file")
+        _results_file(args.out)
     if args.export:
         _export_target(args.export, None)
     _detector_arg(args.detector)
 
 
+def _cmd_scan_ray(args) -> int:
+    """``--ray``: the driver fingerprints the folder and writes results; it never builds the model."""
+    from aigid.scan_ray import scan_ray
+
+    lo, _, hi = (args.actors or "1").partition(":")
+    summary = scan_ray(args.paths, args.detector, out=args.out, batch_size=args.batch_size,
+                       items_per_task=args.items_per_task, min_actors=int(lo),
+                       max_actors=int(hi) if hi else (int(lo) if args.actors else None),
+                       resume=not args.no_resume, retry_errors=args.retry_errors,
+                       threshold=args.threshold, export=args.export, progress=not args.quiet,
+                       evidence=not args.no_evidence, address=None if args.ray == "local" else args.ray)
+    _print_json(summary)
+    return 0
+
+
 def _cmd_scan(args) -> int:
     from aigid.scan import scan_to_store
 
+    if args.ray is not None:
+        return _cmd_scan_ray(args)
     detector = _load_detector(args)
     _set_verdict(detector, args.verdict)
     try:
@@ -694,6 +719,13 @@ def _add_scan(sub) -> None:
                  "resumable SQLite results file", _cmd_scan, _check_scan)
     s.add_argument("paths", nargs="+", metavar="PATH", help="folder, image, .tar/.zip shard, or .txt/.lst list")
     _add_detector(s, threshold=None)
+    s.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="score on a Ray cluster (aigid[dist]): bare = the cluster this machine is in, "
+                   "ray://HEAD:10001 a remote one, 'local' a Ray started here; --out may then be a folder "
+                   "or s3:// URI (Parquet files)")
+    s.add_argument("--actors", metavar="MIN[:MAX]", help="with --ray: scoring actors (default: 1, up to one per GPU)")
+    s.add_argument("--items-per-task", type=_positive, default=256,
+                   help="with --ray: files or archive members per decode task")
     s.add_argument("--no-evidence", action="store_true",
                    help="do not read provenance evidence (C2PA, IPTC/XMP, generator metadata) from the files")
     s.add_argument("--out", default="results.sqlite", help="SQLite results file (created or resumed); "

@@ -1,36 +1,53 @@
-"""``scan_ray``: the same scan spread over a Ray cluster (``pip install aigid[dist]``).
+"""``scan_ray``: ``aigid.scan`` spread over a Ray cluster (``pip install aigid[dist]``).
 
     from aigid.scan_ray import scan_ray
-    summary = scan_ray(["/shared/shards/"], "runs/mirage", out="results.sqlite")
+    summary = scan_ray(["/shared/shards/"], "runs/mirage", out="results.sqlite",
+                       address="auto", max_actors=8)
 
-The driver enumerates the work *units* (``sources.iter_units``: plain files, and archives left
-unexpanded) and leaves out what the store already holds for this detector; a Ray Dataset of those
-units goes through ``map_batches`` with a callable-class actor (``_Scorer``) that loads the
-detector once, then reads, hashes, decodes (a thread pool: PIL releases the GIL) and scores its
-units in batches, streaming each archive once. The records come back to the driver, which is the
-only writer of the SQLite store (one transaction per block received), so resume, the table and
-exports are exactly those of ``aigid.scan``.
+A Ray Data pipeline, streamed (nothing is listed or decoded ahead of what the actors can take):
 
-Resume is driver-side: a done plain file is never sent; for an archive the driver sends the ids
-of its members already done (one indexed range query), and the actor does not read those. Paths
-(and the detector folder) must be visible at the same place on every node. Ids travel as bytes
-(``utf-8``/``surrogateescape``) because Arrow strings cannot hold non-UTF-8 names.
+    paths -> walk -> expand -> decode (CPU tasks) -> Scorer (actor pool, GPUs) -> driver | Parquet
+
+``walk`` lists the paths in one Ray task, ``expand`` lists each archive's members in a task of
+its own, ``decode`` reads, hashes, decodes and preprocesses a slice of ``items_per_task`` files
+or members per task (``decode_cpus`` each: CPU-only nodes decode for GPU nodes), and the scoring
+actors (``min_actors``..``max_actors``, ``gpus_per_actor`` each, the detector loaded once per
+actor on its own device) take blocks of ``batch_size`` images. The stages' code is in
+``aigid.scan_ray_stages``; ``repartition(target_num_rows_per_block=...)`` between them sets how
+work is cut (one archive, one slice, one full model batch a block) and, with the batch sizes,
+keeps Ray from fusing stages (the decode stage into the actors, or every stage into the walk).
+
+Results: with ``out`` a results file, the driver is the only writer of the SQLite store (one
+transaction per block received, rows carry the run id), exactly as ``aigid.scan`` writes it, so
+resume, exports and ``aigid scan`` over the same file all agree. With ``out`` a folder (or an
+``s3://``-style URI, or a path ending in ``/``), the cluster writes Parquet files there
+(``aigid.store.COLUMNS`` plus ``run``) and the driver touches no result.
+
+Resume: the ids already stored for this detector (errors too, unless ``retry_errors``) are put in
+the object store as a sorted array of 16-byte keys (``scan_ray_stages.DoneSet``); ``walk`` and
+``expand`` leave them out where they enumerate, so done files are never read and done members
+never fetched. The detector is identified from its folder's files (``aigid.fingerprint``: the
+same id as ``aigid.scan.model_id``, no model built on the driver); a folder that does not hold
+its whole state dict is fingerprinted by one Ray task that loads it on a worker.
+
+Paths (and the detector folder) must be visible at the same place on every node.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Sequence, Union
+import uuid
+from typing import Any, Optional, Sequence, Union
 
-import torch
-
-from aigid.data.dataset import stack_images
-from aigid.store import ResultRow, ResultStore, check_threshold, decode_id
+from aigid.store import ResultRow, ResultStore, check_threshold, decode_id, display_id, label_of
 
 __all__ = ["scan_ray"]
 
+log = logging.getLogger(__name__)
 PathArg = Union[str, os.PathLike]
+DECODER = "pil-ray"
 
 
 def _require_ray():
@@ -43,191 +60,306 @@ def _require_ray():
     return ray
 
 
-def _b(ident: str) -> bytes:
-    return ident.encode("utf-8", "surrogateescape")
+def is_folder_out(out: PathArg) -> bool:
+    """Whether ``out`` names a Parquet folder (a URI, an existing folder, a path ending in /)."""
+    text = os.fspath(out)
+    return "://" in text or text.endswith(("/", os.sep)) or os.path.isdir(text)
 
 
-class _Scorer:
-    """A Ray actor: holds one detector; turns a block of units into blocks of result records."""
-
-    def __init__(self, detector: str, device: str, batch_size: int, threads: int):
-        from aigid.data.transforms import eval_transform
-        from aigid.models.registry import load_detector
-
-        self.detector = load_detector(detector, device=device)
-        self.device = torch.device(device)
-        self.transform = eval_transform(self.detector.config.preprocess)
-        self.batch_size = batch_size
-        self.pool = ThreadPoolExecutor(max(1, threads))
-
-    def _samples(self, units: list[dict]) -> Iterator[tuple]:
-        """(id, size, bytes or None, error or None) for every item of the units, in order."""
-        from aigid.data.sources import ItemError, read_file, stream_archive
-
-        for unit in units:
-            ident = decode_id(unit["id"])
-            if unit["kind"] == "file":
-                data, reason = read_file(ident, unit["size"])
-                yield ident, unit["size"], data, reason
-                continue
-            done = {decode_id(d) for d in unit["done"] or ()}
-            for got, data, reason in stream_archive(ident, fetch=lambda it: it.id not in done):
-                if isinstance(got, ItemError):
-                    if got.id not in done:
-                        yield got.id, None, None, reason
-                elif data is not None or reason is not None:  # else: done, not read
-                    yield got.id, got.size, data, reason
-
-    def _decode(self, sample):
-        from aigid.data.decode_cpu import decode_image
-        from aigid.data.images import ImageError
-        from aigid.data.sources import content_hash
-
-        ident, size, data, reason = sample
-        if data is None:
-            return ident, None, size, None, reason or "unreadable"
-        digest = content_hash(data)
-        try:
-            return ident, digest, len(data), decode_image(data, self.transform), None
-        except ImageError as err:
-            return ident, digest, len(data), None, str(err)
-
-    def _score(self, chunk: list) -> "Any":
-        import pyarrow as pa
-
-        decoded = list(self.pool.map(self._decode, chunk))
-        ok = [d for d in decoded if d[3] is not None]
-        scores: list = []
-        if ok:
-            pixels = stack_images([d[3].to(self.device, non_blocking=True) for d in ok])
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
-                                                        enabled=self.device.type == "cuda"):
-                scores = self.detector.predict(pixels).float().tolist()
-        it = iter(scores)
-        rows = [(d[0], d[1], d[2], next(it) if d[3] is not None else None, d[4]) for d in decoded]
-        return pa.table({
-            "id": pa.array([_b(r[0]) for r in rows], pa.binary()),
-            "hash": pa.array([r[1] for r in rows], pa.string()),
-            "size": pa.array([r[2] for r in rows], pa.int64()),
-            "score": pa.array([r[3] for r in rows], pa.float64()),
-            "error": pa.array([r[4] for r in rows], pa.string()),
-        })
-
-    def __call__(self, block) -> Iterator[Any]:
-        chunk: list = []
-        for sample in self._samples(block.to_pylist()):
-            chunk.append(sample)
-            if len(chunk) >= self.batch_size:
-                yield self._score(chunk)
-                chunk = []
-        if chunk:
-            yield self._score(chunk)
+# --------------------------------------------------------------------------- identity
 
 
-def _units(paths: Sequence[PathArg], store: Optional[ResultStore], model: str,
-           retry_errors: bool) -> tuple[list[dict], list[tuple[str, str]], int]:
-    """(rows for Ray, enumeration errors to record now, number of done items left out)."""
-    from aigid.data.sources import Archive, ItemError, iter_units
-
-    done = store.done_filter(model, include_errors=not retry_errors) if store else None
-    rows: list[dict] = []
-    errors: list[tuple[str, str]] = []
-    skipped = 0
-    for unit in iter_units(list(paths)):
-        if isinstance(unit, Archive):
-            members = store.done_in_archive(model, unit.id, include_errors=not retry_errors) \
-                if store else []
-            if done is not None and done(unit.id):  # the archive's own error (broken, truncated)
-                members.append(unit.id)
-            skipped += len(members)
-            rows.append({"kind": "archive", "id": _b(unit.id), "size": unit.size,
-                         "done": [_b(m) for m in members]})
-        elif done is not None and done(unit.id):
-            skipped += 1
-        elif isinstance(unit, ItemError):
-            errors.append((unit.id, unit.reason))
-        else:
-            rows.append({"kind": "file", "id": _b(unit.id), "size": unit.size, "done": []})
-    if done is not None:
-        done.close()
-    return rows, errors, skipped
-
-
-def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: str, *,
-             out: PathArg, batch_size: int = 64,
-             num_gpus_per_actor: Optional[float] = None, concurrency: Optional[int] = None,
-             decode_threads: int = 4, resume: bool = True, retry_errors: bool = False,
-             threshold: float = 0.5, export: Optional[PathArg] = None, progress: bool = True,
-             ray_init: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Score everything under ``paths`` on Ray actors into the SQLite store ``out``; the summary.
-
-    ``detector_dir``: a detector folder (or shipped name) every node can load.
-    ``out``: the results file; the driver holds its writer lock for the whole run (see
-    ``aigid.store``), so a second scan into it is refused.
-    ``num_gpus_per_actor``: 1 when this machine has CUDA, else 0 (CPU actors).
-    ``concurrency``: actors (default: one per GPU in the cluster, or 1 on CPU).
-    Starts a local Ray (``ray.init(**ray_init)``) unless one is already running.
-    """
-    ray = _require_ray()
+def _identity_task(folder: str) -> tuple[str, str, dict, dict]:
+    from aigid.fingerprint import detector_layout
     from aigid.models.registry import load_detector
     from aigid.scan import _config_dict, model_id
 
+    detector = load_detector(folder)
+    return model_id(detector), detector_layout(detector), _config_dict(detector), \
+        dict(detector.config.preprocess)
+
+
+def _identity(ray, folder: str) -> tuple[str, Optional[str], dict, dict]:
+    from aigid.fingerprint import identity_of_folder
+
+    found = identity_of_folder(folder) if os.path.isdir(folder) else None
+    if found is not None:
+        return found.model, found.layout, found.config, found.preprocess
+    log.info("%s does not hold its whole state dict: fingerprinting it on a Ray worker", folder)
+    return ray.get(ray.remote(num_cpus=1)(_identity_task).remote(folder))
+
+
+# --------------------------------------------------------------------------- done sets
+
+
+def _sqlite_done(store: ResultStore, model: str, include_errors: bool):
+    from aigid.scan_ray_stages import done_keys, id_bytes
+
+    sql = "SELECT id FROM results WHERE model=?" + ("" if include_errors else " AND error IS NULL")
+    return done_keys(id_bytes(decode_id(v)) for (v,) in store.conn.execute(sql, (model,)))
+
+
+def _parquet_tables(out: str, columns: list[str], filter=None):
+    """Each readable Parquet file's rows under ``out``; a file cut short by a kill is logged and
+    left out (its rows are scored again)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(out, format="parquet")
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return
+    for fragment in dataset.get_fragments():
+        try:
+            yield fragment.to_table(columns=columns, filter=filter)
+        except (OSError, pa.ArrowInvalid) as err:
+            log.warning("%s: unreadable Parquet file left out (%s)", fragment.path, err)
+
+
+def _parquet_done(out: str, model: str, include_errors: bool):
+    import pyarrow.compute as pc
+
+    from aigid.scan_ray_stages import done_keys, id_bytes
+
+    cond = pc.field("model") == model
+    if not include_errors:
+        cond = cond & pc.field("error").is_null()
+    ids = (ident for t in _parquet_tables(out, ["id"], cond) for ident in t.column("id").to_pylist())
+    return done_keys(id_bytes(i) for i in ids)
+
+
+def _tally(ray):
+    class Tally:  # done ids left out by walk/expand, counted for the summary
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k: int) -> None:
+            self.n += k
+
+        def total(self) -> int:
+            return self.n
+
+    return ray.remote(num_cpus=0)(Tally).remote()
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def build_dataset(paths: Sequence[PathArg], detector: str, *, preprocess: dict[str, Any],
+                  layout: Optional[str] = None, batch_size: int = 64, items_per_task: int = 256,
+                  decode_cpus: float = 1.0, min_actors: int = 1, max_actors: Optional[int] = None,
+                  gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                  batches_per_actor: int = 2, actor_start_timeout_s: int = 600,
+                  evidence: bool = True, progress: bool = True, done: Any = None, tally: Any = None,
+                  scorer: Optional[type] = None):
+    """The Ray Dataset of scored rows (``scan_ray_stages.SCORED``), not yet executed.
+
+    ``batches_per_actor``: batches queued on each actor (one scoring, one arriving: more lets
+    the first actor up hoard the start of the stream). The pool waits for ``min_actors`` to be
+    up (at most ``actor_start_timeout_s``) before scoring starts, so the work spreads from the
+    first batch. ``scorer``: the actor class (default ``scan_ray_stages.Scorer``; benchmarks
+    swap in a stand-in with the same constructor)."""
+    import ray.data
+
+    from aigid.scan_ray_stages import DoneSet, Scorer, decode, expand, id_bytes, walk
+
+    done = done if done is not None else DoneSet()
+    listing = {"items_per_task": items_per_task, "done": done, "tally": tally}
+    rows = [{"path": id_bytes(os.fsdecode(os.fspath(p)))} for p in paths]
+    # A dataset keeps the DataContext current when it was created: set ours for it alone.
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.wait_for_min_actors_s, ctx.enable_progress_bars
+    ctx.wait_for_min_actors_s, ctx.enable_progress_bars = actor_start_timeout_s, progress
+    try:
+        # One walk over all the paths (as aigid.scan: a file reached twice is counted once).
+        ds = ray.data.from_items(rows, override_num_blocks=1)
+    finally:
+        ctx.wait_for_min_actors_s, ctx.enable_progress_bars = saved
+    ds = ds.map_batches(walk, batch_size=None, batch_format="pyarrow", fn_kwargs=listing)
+    # Blocks of one row and batch_size=1: one archive (then one slice) per task. A batch size
+    # also keeps Ray from fusing a stage into the one before it (which would make every slice
+    # wait for the single walk task).
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(expand, batch_size=1, batch_format="pyarrow", fn_kwargs=listing)
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(decode, batch_size=1, batch_format="pyarrow", num_cpus=decode_cpus,
+                        fn_kwargs={"preprocess": preprocess, "batch_size": batch_size,
+                                   "evidence": evidence})
+    # Full model batches: strict, so the rows of small slices (a short archive, a slice's tail)
+    # are merged across decode tasks instead of reaching the model as partial batches.
+    ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
+    return ds.map_batches(
+        scorer or Scorer, batch_size=batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"detector": detector, "layout": layout, "preprocess": preprocess},
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                           max_tasks_in_flight_per_actor=batches_per_actor),
+        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
+
+
+def operators(ds) -> list[str]:
+    """The operators of an executed dataset, from its stats (``Operator N Name: ...``)."""
+    return re.findall(r"^Operator \d+ (.+?):", ds.stats(), flags=re.M)
+
+
+def _export_rows(batch, *, model: str, threshold: float, run: str):
+    import pyarrow as pa
+
+    now = time.time()
+    rows = [{"id": display_id(r["id"]), "model": model, "hash": r["hash"], "size": r["size"],
+             "score": r["score"], "label": None if r["score"] is None else label_of(r["score"], threshold),
+             "error": r["error"], "time": now, "evidence": r["evidence"], "run": run}
+            for r in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("id", pa.string()), ("model", pa.string()), ("hash", pa.string()), ("size", pa.int64()),
+        ("score", pa.float64()), ("label", pa.int8()), ("error", pa.string()),
+        ("time", pa.float64()), ("evidence", pa.string()), ("run", pa.string())]))
+
+
+def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
+             out: PathArg, batch_size: int = 64, items_per_task: int = 256,
+             decode_cpus: float = 1.0, min_actors: int = 1, max_actors: Optional[int] = None,
+             gpus_per_actor: Optional[float] = None, cpus_per_actor: Optional[float] = None,
+             resume: bool = True, retry_errors: bool = False, threshold: Optional[float] = None,
+             evidence: bool = True,
+             batches_per_actor: int = 2, actor_start_timeout_s: int = 600,
+             export: Optional[PathArg] = None, rows_per_file: int = 65536, progress: bool = True,
+             address: Optional[str] = None, ray_init: Optional[dict[str, Any]] = None,
+             _scorer: Optional[type] = None) -> dict[str, Any]:
+    """Score everything under ``paths`` on a Ray cluster; return the summary.
+
+    ``detector_dir``: a detector folder every node can read. ``out``: a results file (SQLite,
+    written by this process alone) or a folder/URI for Parquet (see the module docstring).
+    ``batch_size``: images per model call; ``items_per_task``: files or archive members per
+    decode task (an archive is cut into slices of that many; a compressed tar stays whole);
+    ``decode_cpus``: CPUs reserved per decode task.
+    ``min_actors``/``max_actors``: the scoring actor pool, autoscaled between them (default max:
+    the cluster's GPUs / ``gpus_per_actor``, or 1 without GPUs). ``gpus_per_actor``: default 1
+    when the cluster has GPUs, else 0 (the actors score on CPU). ``cpus_per_actor``: default 1
+    on GPUs (feeding the device), ``decode_cpus`` without (the model's threads).
+    ``batches_per_actor``, ``actor_start_timeout_s``: see ``build_dataset``.
+    ``threshold``: labels are ``score > threshold`` (default: the threshold stored in the
+    detector's config by ``aigid calibrate``, else 0.5). ``evidence``: read each file's
+    provenance evidence into the ``evidence`` column, as ``aigid.scan`` does.
+    ``address``: the cluster (``"auto"``, ``"ray://head:10001"``); a local Ray is started when
+    none is running (``ray.init(address, **ray_init)``).
+    The summary adds to ``aigid.scan``'s: ``actors`` (items and busy seconds per scoring actor),
+    ``operators`` (the executed plan).
+    """
+    ray = _require_ray()
     paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("scan_ray: no paths given")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    threshold = check_threshold(threshold)
-    gpus = (1 if torch.cuda.is_available() else 0) if num_gpus_per_actor is None else num_gpus_per_actor
+    for name, value in (("batch_size", batch_size), ("items_per_task", items_per_task),
+                        ("min_actors", min_actors), ("rows_per_file", rows_per_file)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, not {value}")
+    folder_out = is_folder_out(out)
+    if export is not None and folder_out:
+        raise ValueError("export= needs a results file (out=...sqlite); a Parquet folder is "
+                         "already an export")
     if not ray.is_initialized():
-        ray.init(**(ray_init or {}))
-    if concurrency is None:
-        concurrency = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+        ray.init(address=address, **(ray_init or {}))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = (1.0 if cluster_gpus else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
+    cpus = (1.0 if gpus else decode_cpus) if cpus_per_actor is None else float(cpus_per_actor)
+    if max_actors is None:
+        max_actors = max(min_actors, int(cluster_gpus // gpus) if gpus else 1)
 
-    probe = load_detector(detector_dir)  # on the driver, for the fingerprint and the metadata
-    model = model_id(probe)
-    preprocess, meta = probe.config.preprocess, _config_dict(probe)
-    del probe
+    detector_dir = os.fspath(detector_dir)
+    model, layout, config, preprocess = _identity(ray, detector_dir)
+    if threshold is None:  # the detector's stored threshold (aigid calibrate), as aigid.scan
+        from aigid.calibration import stored_threshold
+        threshold = stored_threshold(config)
+    threshold = check_threshold(threshold)
+    pool = {"batch_size": batch_size, "items_per_task": items_per_task, "decode_cpus": decode_cpus,
+            "min_actors": min_actors, "max_actors": max_actors, "gpus_per_actor": gpus,
+            "cpus_per_actor": cpus, "batches_per_actor": batches_per_actor,
+            "actor_start_timeout_s": actor_start_timeout_s, "progress": progress,
+            "evidence": evidence,
+            "layout": layout, "preprocess": preprocess}
+    if folder_out:
+        return _to_parquet(ray, paths, detector_dir, os.fspath(out), model, pool, resume,
+                           retry_errors, threshold, rows_per_file, _scorer)
+
+    from aigid.scan_ray_stages import DoneSet
 
     started = time.perf_counter()
     counts = {"scored": 0, "errors": 0}
-    finished, skipped = False, 0
+    per_actor: dict[str, dict[str, float]] = {}
+    finished, ds, tally = False, None, _tally(ray)
     with ResultStore(out) as store:
-        run = store.start_run(model, detector=meta, preprocess=preprocess, threshold=threshold,
-                              decoder="pil-ray", paths=paths)
+        run = store.start_run(model, detector=config, preprocess=preprocess, threshold=threshold,
+                              decoder=DECODER, paths=[os.fspath(p) for p in paths])
         try:
-            rows, enum_errors, skipped = _units(paths, store if resume else None, model, retry_errors)
-            now = time.time()
-            store.write(ResultRow(i, model, None, None, None, None, r, now, run)
-                        for i, r in enum_errors)
-            counts["errors"] += len(enum_errors)
-            if rows:
-                ds = ray.data.from_items(rows).map_batches(
-                    _Scorer, batch_format="pyarrow", batch_size=batch_size,
-                    fn_constructor_kwargs={"detector": str(detector_dir),
-                                           "device": "cuda" if gpus else "cpu",
-                                           "batch_size": batch_size, "threads": decode_threads},
-                    concurrency=concurrency, num_gpus=gpus)
-                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    now = time.time()
-                    recs = block.to_pylist()
-                    store.write(ResultRow(decode_id(r["id"]), model, r["hash"], r["size"],
-                                          r["score"], None, r["error"], now, run)
-                                for r in recs)  # labels are derived on read (this threshold)
-                    n_err = sum(r["error"] is not None for r in recs)
-                    counts["errors"] += n_err
-                    counts["scored"] += len(recs) - n_err
+            keys = _sqlite_done(store, model, not retry_errors) if resume else None
+            done = DoneSet(ray.put(keys) if keys is not None and len(keys) else None)
+            ds = build_dataset(paths, detector_dir, done=done, tally=tally, scorer=_scorer, **pool)
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                now = time.time()
+                recs = block.to_pylist()
+                store.write(ResultRow(id=decode_id(r["id"]), model=model, hash=r["hash"],
+                                      size=r["size"], score=r["score"], label=None,
+                                      error=r["error"], time=now, run=run,
+                                      evidence=r["evidence"]) for r in recs)
+                _account(recs, counts, per_actor)
             finished = True
         finally:
-            seconds = time.perf_counter() - started
-            summary = {**counts, "skipped": skipped,
-                       "seconds": round(seconds, 3),
-                       "images_per_s": round((counts["scored"] + counts["errors"]) / max(seconds, 1e-9), 1),
-                       "model": model, "decoder": "pil-ray", "actors": concurrency,
-                       "gpus_per_actor": gpus, "complete": finished, "out": os.fspath(out)}
+            summary = _summary(ray, counts, tally, started, model, per_actor, ds, finished, pool)
+            summary["out"] = os.fspath(out)
             store.finish_run(run, summary)
         if export is not None:
             summary["exported"] = store.export(export, model=model, threshold=threshold)
             summary["export"] = os.fspath(export)
+    return summary
+
+
+def _account(recs: list[dict], counts: dict[str, int], per_actor: dict[str, dict[str, float]]) -> None:
+    for r in recs:
+        counts["errors" if r["error"] is not None else "scored"] += 1
+        a = per_actor.setdefault(r["actor"], {"items": 0, "busy_s": 0.0})
+        a["items"] += 1
+        a["busy_s"] += r["busy_s"]
+
+
+def _summary(ray, counts, tally, started, model, per_actor, ds, finished, pool) -> dict[str, Any]:
+    seconds = time.perf_counter() - started
+    try:
+        skipped = ray.get(tally.total.remote())
+    finally:
+        ray.kill(tally)
+    return {**counts, "skipped": skipped, "seconds": round(seconds, 3),
+            "images_per_s": round((counts["scored"] + counts["errors"]) / max(seconds, 1e-9), 1),
+            "model": model, "decoder": DECODER, "complete": finished,
+            "actors": {a: {"items": int(v["items"]), "busy_s": round(v["busy_s"], 3)}
+                       for a, v in sorted(per_actor.items())},
+            "operators": operators(ds) if ds is not None else [],
+            **{k: v for k, v in pool.items() if k not in ("layout", "preprocess", "progress")}}
+
+
+def _to_parquet(ray, paths, detector_dir, out, model, pool, resume, retry_errors, threshold,
+                rows_per_file, scorer) -> dict[str, Any]:
+    """The Parquet path: the cluster writes the files; the driver counts this run's rows after."""
+    import pyarrow.compute as pc
+
+    from aigid.scan_ray_stages import DoneSet
+
+    started = time.perf_counter()
+    run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    tally, ds, finished = _tally(ray), None, False
+    counts = {"scored": 0, "errors": 0}
+    try:
+        keys = _parquet_done(out, model, not retry_errors) if resume else None
+        done = DoneSet(ray.put(keys) if keys is not None and len(keys) else None)
+        ds = build_dataset(paths, detector_dir, done=done, tally=tally, scorer=scorer, **pool)
+        ds = ds.map_batches(_export_rows, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs={"model": model, "threshold": threshold, "run": run})
+        ds.write_parquet(out, min_rows_per_file=rows_per_file)
+        finished = True
+    finally:
+        for t in _parquet_tables(out, ["error"], pc.field("run") == run):
+            errors = t.column("error").null_count
+            counts["errors"] += t.num_rows - errors
+            counts["scored"] += errors
+        summary = _summary(ray, counts, tally, started, model, {}, ds, finished, pool)
+    summary.update(out=out, run=run)
     return summary
