@@ -33,8 +33,6 @@ that declared AI (``declared_ai``) and those of them the detector labelled real
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import multiprocessing as mp
 import multiprocessing.context
 import os
@@ -48,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
+from aigid.fingerprint import fingerprint
 from aigid.provenance import DECLARED_AI, DECLARED_CAMERA, provenance_of
 from aigid.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
 
@@ -84,15 +83,7 @@ def model_id(detector) -> str:
     """``"<arch>-<16 hex>"``: blake2b of the config (JSON, sorted keys) and every tensor of the
     state dict (name, dtype, shape, bytes). Same weights and config → same id on any machine."""
     config = _config_dict(detector)
-    arch = str(config.get("arch") or type(detector).__name__.lower())
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(detector.state_dict().items()):
-        t = tensor.detach().reshape(-1).cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # buffer protocol: no extra host copy
-    return f"{arch}-{h.hexdigest()}"
+    return fingerprint(config, type(detector).__name__.lower(), sorted(detector.state_dict().items()))
 
 
 def _device_of(detector) -> torch.device:

@@ -32,6 +32,7 @@ from PIL import Image
 
 from aigid.data.decode_cpu import Chunk, Meta, decode_image
 from aigid.data.images import ImageError
+from aigid.data.sources import image_format
 from aigid.data.transforms import eval_transform
 
 __all__ = ["JpegInfo", "jpeg_info", "sniff", "dali_eligible", "DaliDecoder", "DaliFailure",
@@ -105,22 +106,11 @@ def jpeg_info(data: bytes) -> Optional[JpegInfo]:
 
 
 def sniff(data: bytes) -> str:
-    """The format from magic bytes: jpeg, png, gif, webp, bmp, tiff, jp2 or unknown."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
+    """The format from magic bytes (``aigid.data.sources.image_format``'s names, or "jp2"), else
+    "unknown"."""
     if data[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or data[:4] == b"\xff\x4f\xff\x51":
         return "jp2"
-    return "unknown"
+    return image_format(data) or "unknown"
 
 
 def dali_eligible(data: bytes) -> bool:
