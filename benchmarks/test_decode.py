@@ -3,7 +3,10 @@
 CPU (always): 64 generated 512x384 JPEGs preprocessed to 224x224 by
   - ``naive``: the plain loop ``predict`` would run (``load_rgb`` + ``eval_transform`` per file),
   - ``pil-w0`` / ``pil-w2``: ``iter_batches(decoder="pil")`` in-process and with 2 workers
-    (the worker start-up is inside the timing: it is paid once per scan).
+    (the worker start-up is inside the timing: it is paid once per scan),
+  - ``dali-cpu``: ``iter_batches(decoder="dali", device="cpu")``: DALI's CPU pipeline with 2
+    threads (built inside the timing, like the workers); ``extra_info`` holds its speed-up over
+    ``pil-w0`` and ``pil-w2`` (whether DALI should be the CPU default), skipped without DALI.
 CUDA: 2048 such JPEGs to 224x224 on the GPU by
   - ``pil-w16``: ``iter_batches(decoder="pil", num_workers=16)`` (pinned, non-blocking copies),
   - ``nvjpeg-torchvision``: ``torchvision.io.decode_jpeg(device="cuda")`` in batches + torch resize,
@@ -71,9 +74,11 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if HAS_CUDA else f"cpu ({os.cpu_count()} cores)"
 
 
-def _run_scan(folder: str, *, device: str, decoder: str, workers: int, batch: int = 64) -> int:
+def _run_scan(folder: str, *, device: str, decoder: str, workers: int, batch: int = 64,
+              dali_threads: int = 4) -> int:
     n = 0
-    for b in iter_batches([folder], PP, batch, device=device, decoder=decoder, num_workers=workers):
+    for b in iter_batches([folder], PP, batch, device=device, decoder=decoder, num_workers=workers,
+                          dali_threads=dali_threads):
         assert not b.errors
         n += b.pixels.shape[0]
     if device == "cuda":
@@ -115,6 +120,7 @@ DECODE_MEANS = {
     "naive": "load_rgb + eval_transform per file, one process",
     "pil-w0": "iter_batches(decoder='pil'), in-process",
     "pil-w2": "iter_batches(decoder='pil'), 2 worker processes",
+    "dali-cpu": "iter_batches(decoder='dali') on CPU, DALI with 2 threads",
     "pil-w16": "iter_batches(decoder='pil'), 16 workers",
     "nvjpeg-torchvision": "torchvision decode_jpeg on CUDA + torch resize",
     "dali": "iter_batches(decoder='dali'), 16 readers, DALI decodes",
@@ -134,19 +140,30 @@ def _record(benchmark, impl: str, n: int, **extra) -> None:
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", ["naive", "pil-w0", "pil-w2"])
+@pytest.mark.parametrize("impl", ["naive", "pil-w0", "pil-w2", "dali-cpu"])
 def test_decode_cpu(benchmark, cpu_set, impl):
     benchmark.group = f"decode 64 JPEG {W}x{H} -> {PP['size']}^2, cpu"
+    if impl == "dali-cpu" and not backends.has_dali():
+        pytest.skip("nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
     if impl == "naive":
         fn = lambda: _naive(cpu_set)  # noqa: E731
+    elif impl == "dali-cpu":
+        fn = lambda: _run_scan(cpu_set, device="cpu", decoder="dali", workers=0,  # noqa: E731
+                               dali_threads=2)
     else:
         workers = int(impl.removeprefix("pil-w"))
         fn = lambda: _run_scan(cpu_set, device="cpu", decoder="pil", workers=workers)  # noqa: E731
     n = benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
     assert n == 64
-    _record(benchmark, impl, n, num_workers=0 if impl == "naive" else int(impl[-1]))
+    workers = int(impl[-1]) if impl.startswith("pil") else 0
+    _record(benchmark, impl, n, num_workers=workers,
+            **({"dali_threads": 2} if impl == "dali-cpu" else {}))
     if impl != "naive" and "naive" in _RESULTS:
         benchmark.extra_info["speedup_vs_naive"] = round(_RESULTS[impl] / _RESULTS["naive"], 2)
+    for base in ("pil-w0", "pil-w2") if impl == "dali-cpu" else ():
+        if base in _RESULTS:
+            key = f"speedup_vs_{base.replace('-', '_')}"
+            benchmark.extra_info[key] = round(_RESULTS[impl] / _RESULTS[base], 2)
 
 
 @needs_cuda

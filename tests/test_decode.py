@@ -115,7 +115,8 @@ def test_exif_rotation_is_applied(corpus):
     assert top[0] > 0.9 and top[2] < 0.1 and bottom[2] > 0.9 and bottom[0] < 0.1  # red over blue
 
 
-def test_dtype_and_decoder_choice(corpus):
+def test_dtype_and_decoder_choice(corpus, monkeypatch):
+    """Catches: a wrong dtype out of the PIL path, or choose_decoder refusing/choosing wrongly."""
     root, _ = corpus
     (batch,) = list(iter_batches([root / "good.png"], PP, 4, dtype=torch.bfloat16))
     assert batch.pixels.dtype == torch.bfloat16 and len(batch.records) == 1
@@ -123,8 +124,12 @@ def test_dtype_and_decoder_choice(corpus):
     assert choose_decoder("auto", torch.device("cpu")) == "pil"
     with pytest.raises(ValueError, match="decoder must be"):
         choose_decoder("nvjpeg", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="unavailable"):
+    monkeypatch.setattr(backends, "has_dali", lambda: False)
+    with pytest.raises(RuntimeError, match="not installed"):
         choose_decoder("dali", torch.device("cpu"))
+    monkeypatch.setattr(backends, "has_dali", lambda: True)
+    assert choose_decoder("dali", torch.device("cpu")) == "dali"  # DALI's CPU pipeline
+    assert choose_decoder("auto", torch.device("cpu")) == "pil"  # not faster there (benchmarks/)
     with pytest.raises(ValueError, match="resize_mode"):  # checked at the call, not lazily
         iter_batches([root], dict(PP, resize_mode="stretch"), 4)
     with pytest.raises(ValueError, match="batch_size"):
@@ -203,7 +208,7 @@ def test_dali_failure_falls_back_to_cpu(tmp_path):
     assert outcome == {**{str(tmp_path / f"{i}.jpg"): "ok" for i in range(5)},
                        str(tmp_path / "broken.jpg"): "error", str(tmp_path / "other.png"): "ok"}
     reason = records[str(tmp_path / "broken.jpg")].error
-    assert "GPU decode failed too" in reason and "simulated nvJPEG error" in reason
+    assert "DALI decode failed too" in reason and "simulated nvJPEG error" in reason
 
 
 @pytest.mark.gpu

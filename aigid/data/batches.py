@@ -5,8 +5,9 @@ decoded (with their ids, content hashes and sizes) and the items that failed (wi
 Every enumerated item that ``skip`` does not reject appears exactly once, in some batch's
 ``records`` or in some batch's ``errors``; order across workers is not preserved.
 
-Decoders: ``"pil"`` (CPU workers, ``decode_cpu``) or ``"dali"`` (GPU JPEG decoding with CPU
-fallback, ``decode_dali``); ``"auto"`` takes DALI when it is installed and the device is CUDA.
+Decoders: ``"pil"`` (CPU workers, ``decode_cpu``) or ``"dali"`` (DALI decodes plain JPEGs, on the
+GPU for a CUDA device, else on the CPU; PIL fallback; ``decode_dali``); ``"auto"`` takes DALI when
+it is installed and the device is CUDA.
 """
 from __future__ import annotations
 
@@ -52,13 +53,12 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
     """``"dali"`` or ``"pil"`` for a requested decoder and device (raises on impossible asks)."""
     if decoder not in ("auto", "dali", "pil"):
         raise ValueError(f"decoder must be 'auto', 'dali' or 'pil', not {decoder!r}")
-    dali_ok = backends.has_dali() and device.type == "cuda"
-    if decoder == "dali" and not dali_ok:
-        why = "nvidia-dali is not installed" if not backends.has_dali() else "device is not CUDA"
-        raise RuntimeError(f"decoder='dali' unavailable: {why} (use decoder='pil' or 'auto')")
-    if decoder == "auto":
-        return "dali" if dali_ok else "pil"
-    return decoder
+    if decoder == "dali" and not backends.has_dali():
+        raise RuntimeError("decoder='dali' unavailable: nvidia-dali is not installed "
+                           "(use decoder='pil' or 'auto')")
+    if decoder == "auto":  # DALI on the CPU is no faster than the PIL workers (benchmarks/)
+        return "dali" if backends.has_dali() and device.type == "cuda" else "pil"
+    return decoder  # "dali" on a CPU device runs DALI's CPU pipeline
 
 
 def _records(meta: list[Meta]) -> list[Record]:

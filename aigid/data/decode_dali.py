@@ -1,23 +1,25 @@
-"""The GPU decode path: NVIDIA DALI decodes JPEGs on the GPU; everything else goes to the CPU path.
+"""The DALI decode path: NVIDIA DALI decodes JPEGs (on the GPU, or on the CPU without one);
+everything else goes to the PIL path.
 
 Routing (``dali_eligible``) sniffs the bytes, never the file name: only a well-formed baseline,
 extended or progressive 8-bit JPEG with 1 or 3 components (no CMYK/YCCK, no Adobe RGB transform,
 no EXIF rotation, ending with its EOI marker, within PIL's pixel limit) goes to DALI. PNG, WebP,
 GIF, CMYK, 16-bit, rotated, truncated or odd JPEGs are decoded by PIL in the workers, which is
-what ``predict`` uses, so results agree with it. A DALI batch that fails is decoded again on the
-CPU; an image that fails both is an error record.
+what ``predict`` uses, so results agree with it. A DALI batch that fails is decoded again by
+PIL; an image that fails both is an error record.
 
-The pipeline: ``fn.external_source`` (encoded bytes) -> ``fn.decoders.image(device="mixed",
-output_type=RGB)`` -> ``fn.resize`` (shorter side, or squash to S x S; same interpolation family as
-the PIL path, antialiased) -> ``fn.crop_mirror_normalize`` (centre S x S crop, mean/std x 255,
-float CHW) -> copied into a torch tensor with ``feed_ndarray``. DALI is imported lazily: this
-module imports and routes without it.
+The pipeline: ``fn.external_source`` (encoded bytes) -> ``fn.decoders.image(output_type=RGB)``
+(``device="mixed"`` on CUDA, ``"cpu"`` elsewhere) -> ``fn.resize`` (shorter side, or squash to
+S x S; same interpolation family as the PIL path, antialiased) -> ``fn.crop_mirror_normalize``
+(centre S x S crop, mean/std x 255, float CHW) -> copied into a torch tensor with
+``feed_ndarray``. A CPU pipeline has ``device_id=None``, so it runs where no GPU (or no CUDA
+driver) exists. DALI is imported lazily: this module imports and routes without it.
 
 Provenance evidence is read by the CPU worker from the encoded bytes before they are routed here
-(``Meta.evidence``); every path below keeps each image's ``Meta`` whole, so a GPU-decoded image, a
-CPU-fallback one and an error record all carry it.
+(``Meta.evidence``); every path below keeps each image's ``Meta`` whole, so a DALI-decoded image, a
+PIL-fallback one and an error record all carry it.
 
-``iter_dali`` runs the GPU decode in a background thread with a bounded queue (``prefetch``
+``iter_dali`` runs the DALI decode in a background thread with a bounded queue (``prefetch``
 batches ahead), so decoding batch k+1 overlaps the model's work on batch k.
 """
 from __future__ import annotations
@@ -133,14 +135,21 @@ class DaliFailure(RuntimeError):
 
 
 class DaliDecoder:
-    """Decode a list of encoded JPEGs to a preprocessed (n, 3, S, S) float tensor on the GPU."""
+    """Decode a list of encoded JPEGs to a preprocessed (n, 3, S, S) float tensor on ``device``.
 
-    def __init__(self, preprocess: dict[str, Any], batch_size: int, device: torch.device,
-                 threads: int = 4, dtype: torch.dtype = torch.float32):
+    On a CUDA device DALI decodes with nvJPEG (``"mixed"``: parsing on the CPU, decoding on the
+    GPU); on any other device the whole pipeline runs on the CPU with ``threads`` threads.
+    """
+
+    def __init__(self, preprocess: dict[str, Any], batch_size: int,
+                 device: torch.device | str = "cpu", threads: int = 4,
+                 dtype: torch.dtype = torch.float32):
         self.pp, self.batch_size, self.threads = dict(preprocess), batch_size, threads
         self.dtype, self.device = dtype, torch.device(device)
-        self.device_id = (self.device.index if self.device.index is not None
-                          else torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        # device_id=None: a CPU-only pipeline, which DALI builds without touching CUDA
+        self.device_id = ((self.device.index if self.device.index is not None
+                           else torch.cuda.current_device()) if self.cuda else None)
         self.pipe = self._build()
 
     def _build(self):
@@ -155,39 +164,68 @@ class DaliDecoder:
         if mode not in ("shortest", "squash"):
             raise ValueError(f"unsupported resize_mode {mode!r} (shortest or squash)")
 
+        decode_on = "mixed" if self.cuda else "cpu"
+
         # Synchronous execution: we feed one batch and run it; our own thread does the prefetch.
+        # The output window of each image is fed in as an input-space ROI (see ``_roi``), so the
+        # resize lands exactly on the pixels torchvision's Resize + CenterCrop would keep.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
                       device_id=self.device_id, exec_async=False, exec_pipelined=False)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB)
-            if mode == "shortest":
-                images = fn.resize(images, resize_shorter=size, interp_type=interp,
-                                   antialias=antialias)
-            else:
-                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp,
-                                   antialias=antialias)
-            return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=0.5,
-                                            crop_pos_y=0.5, mean=mean, std=std,
-                                            dtype=types.FLOAT, output_layout="CHW")
+            roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+            roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+            images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
+            images = fn.resize(images, size=(size, size), roi_start=roi_start, roi_end=roi_end,
+                               interp_type=interp, antialias=antialias)
+            return fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT,
+                                            output_layout="CHW")
 
         built = pipe()
         built.build()
         return built
+
+    def _roi(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """The input region, (y, x) start and end, that becomes the S x S output.
+
+        ``shortest`` follows torchvision: Resize(S) gives the short side S and the long side
+        ``int(S * long / short)``; CenterCrop(S) starts at ``int(round((long' - S) / 2))``. Mapping
+        that window back to the input keeps the sampling positions and the filter's scale, and
+        leaves no sub-pixel offset (DALI's own ``resize_shorter`` + ``crop_pos=0.5`` does not
+        round the same way: up to half a pixel off, a large error at small S).
+        """
+        info = jpeg_info(data)
+        if info is None or not info.height or not info.width:
+            raise DaliFailure("not a JPEG whose size can be read")
+        h, w, size = info.height, info.width, int(self.pp["size"])
+        if self.pp.get("resize_mode", "shortest") == "squash":
+            return np.zeros(2, np.float32), np.array([h, w], np.float32)
+        short, long = min(h, w), max(h, w)
+        new_long = int(size * long / short)
+        out_h, out_w = (size, new_long) if h <= w else (new_long, size)
+        top, left = int(round((out_h - size) / 2.0)), int(round((out_w - size) / 2.0))
+        sy, sx = h / out_h, w / out_w  # input pixels per output pixel
+        start = np.array([top * sy, left * sx], np.float32)
+        end = np.array([(top + size) * sy, (left + size) * sx], np.float32)
+        return start, end
 
     def __call__(self, blobs: list[bytes]) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         outs = []
         for start in range(0, len(blobs), self.batch_size):
-            part = [np.frombuffer(b, dtype=np.uint8) for b in blobs[start:start + self.batch_size]]
+            chunk = blobs[start:start + self.batch_size]  # the last may be short: DALI allows it
+            rois = [self._roi(b) for b in chunk]
             try:
-                self.pipe.feed_input("encoded", part)
+                self.pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in chunk])
+                self.pipe.feed_input("roi_start", [r[0] for r in rois])
+                self.pipe.feed_input("roi_end", [r[1] for r in rois])
                 (out,) = self.pipe.run()
                 tensor = out.as_tensor()
                 shape = tensor.shape() if callable(tensor.shape) else tensor.shape
                 dst = torch.empty(tuple(shape), dtype=torch.float32, device=self.device)
-                feed_ndarray(tensor, dst, cuda_stream=torch.cuda.current_stream(self.device))
+                stream = torch.cuda.current_stream(self.device) if self.cuda else None
+                feed_ndarray(tensor, dst, cuda_stream=stream)  # a copy: DALI reuses its buffers
             except Exception as err:  # DALI reports a bad sample by failing the whole batch
                 self.pipe = self._build()  # a pipeline that raised is not reused
                 raise DaliFailure(f"{type(err).__name__}: {err}") from err
@@ -218,7 +256,7 @@ def _decode_chunk(chunk: Chunk, gpu_decode: Callable[[list[bytes]], torch.Tensor
                     rows.append(decode_image(data, transform, dtype))
                     meta.append(m)
                 except ImageError as err:
-                    errors.append(m._replace(error=f"{err} (GPU decode failed too: {failure})"))
+                    errors.append(m._replace(error=f"{err} (DALI decode failed too: {failure})"))
             if rows:
                 parts.append(torch.stack(rows).to(device, non_blocking=True))
     size = int(preprocess["size"])
