@@ -106,3 +106,36 @@ def summary_lines(entries: Iterable[Entry]) -> list[str]:
         width = max(len(n) for n in names)
         lines += [f"  {n:<{width}}  {m}" for n, m in names.items()]
     return lines
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched by substring of the CUDA device
+# name, most specific first. Sources: NVIDIA H100 datasheet (SXM 989.4, PCIe 756; NVL 835),
+# H200 datasheet (989, same SM as H100 SXM), A100 datasheet (312), L40S datasheet (362.05),
+# A10 datasheet (125), L4 datasheet (121), RTX 4090 / Ada whitepaper (165.2 with fp32 accumulate);
+# the datasheets print the sparse figure too (2×) — these are half of it.
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
+    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.05), ("A10", 125.0), ("L4", 121.0),
+    ("RTX 4090", 165.2),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> Optional[float]:
+    """Dense bf16 peak of a device by name (``torch.cuda.get_device_name``), None if unknown."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def throughput_info(*, flops: float, bytes_moved: float, seconds: Optional[float],
+                    device_name: str) -> dict[str, Optional[float]]:
+    """``extra_info`` fields for a kernel benchmark: FLOPs, bytes, TFLOP/s, the fraction of the
+    device's dense bf16 peak (None off the table or on CPU) and GB/s. ``seconds``: the median
+    time of one call (None when the benchmark did not time)."""
+    tflops = flops / seconds / 1e12 if seconds else None
+    peak = bf16_peak_tflops(device_name)
+    return {"flops": float(flops), "bytes": float(bytes_moved), "tflops": tflops,
+            "gbps": bytes_moved / seconds / 1e9 if seconds else None,
+            "bf16_peak_tflops": peak,
+            "fraction_of_bf16_peak": tflops / peak if tflops is not None and peak else None}

@@ -11,8 +11,9 @@ each, bf16, L_q ∈ {256, 1024, 4096}; forward and forward + backward. Providers
 
 Every peer pays for its concatenation inside the timed region, as it would in the model; each
 gets its inputs in its native layout ((B, H, L, d) for torch, (B, L, H, d) for the libraries).
-``extra_info`` holds the device, sizes, TFLOP/s (forward 4·B·H_q·L_q·ΣL_s·d; forward + backward
-3.5× that, the flash-attention convention) and the speed ratio against ``sdpa_cat`` in the same
+``extra_info`` holds the device, sizes, FLOPs (forward 4·B·H_q·L_q·ΣL_s·d; forward + backward
+3.5× that, the flash-attention convention), bytes, TFLOP/s (median), the fraction of the device's
+bf16 peak (``_report.throughput_info``) and the speed ratio against ``sdpa_cat`` in the same
 group. On CPU only a few small fp32 cases of the torch paths run (the Triton interpreter is not a
 benchmark), so ``pytest benchmarks --benchmark-only`` stays short.
 """
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from aigid import backends, ops
 from aigid.kernels.reference import smsa_attention_reference
 
-from _report import record_comparison
+from _report import record_comparison, throughput_info
 
 CUDA = torch.cuda.is_available()
 HEADS, KV_HEADS, HEAD_DIM, N_SOURCES = 16, 4, 128, 3
@@ -200,7 +201,13 @@ def test_smsa_attention(benchmark, device, mode, l_q, provider):
     if stats is not None:
         mean = stats.stats.mean
         _means[(group, provider)] = mean
-        benchmark.extra_info["tflops"] = flops / mean / 1e12
+        size = torch.empty((), dtype=dtype).element_size()
+        q_elems, kv_elems = batch * heads * l_q * head_dim, 2 * batch * kv_heads * kv_len * head_dim
+        # minimal traffic: q, K/V, out once; backward also reads q, o, dO, K/V, writes dq, dK/dV
+        elems = 2 * q_elems + kv_elems + ((4 * q_elems + 2 * kv_elems) if backward else 0)
+        benchmark.extra_info.update(throughput_info(
+            flops=flops, bytes_moved=elems * size, seconds=stats.stats.median,
+            device_name=benchmark.extra_info["device"]))
         base = _means.get((group, "sdpa_cat"))
         if base is not None:
             benchmark.extra_info["speedup_vs_sdpa_cat"] = base / mean

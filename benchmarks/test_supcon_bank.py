@@ -3,7 +3,8 @@ reference vs ``torch.compile(reference)``, in one run.
 
 Each (N, M, D, dtype) is one pytest-benchmark group, so the table's parenthesised numbers are
 the ratios to the fastest implementation of that size. ``extra_info`` records the device,
-dtype, sizes and, on CUDA, the peak memory of one forward + backward
+dtype, sizes, useful FLOPs, bytes, TFLOP/s and the fraction of the device's bf16 peak
+(``_report.throughput_info``) and, on CUDA, the peak memory of one forward + backward
 (``torch.cuda.max_memory_allocated``: absolute, and above the inputs already resident).
 
 On CUDA: bf16, D = 768, N ∈ {256, 1024, 4096}, M ∈ {64, 4096, 65536}, A = 2 text anchors.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from aigid.kernels.reference import supcon_bank_loss_reference
 
-from _report import record_comparison
+from _report import record_comparison, throughput_info
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.07
@@ -129,3 +130,22 @@ def test_supcon_bank_fwd_bwd(benchmark, impl, n, m, d, dtype):
                       means=SUPCON_MEANS[impl])
     large = n * (n + m) * d > 1e11
     benchmark.pedantic(step, rounds=5 if large else 15, warmup_rounds=1, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    flops, nbytes = _work(n, m, d, dtype)
+    benchmark.extra_info.update(throughput_info(
+        flops=flops, bytes_moved=nbytes, seconds=stats.stats.median if stats else None,
+        device_name=benchmark.extra_info["device"]))
+
+
+def _work(n: int, m: int, d: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Useful FLOPs and minimal bytes of one forward + backward, the same for every impl.
+
+    FLOPs: forward logits 2·N·K·D (K = N + A + M keys); backward the logits once more, dq's
+    2·N·K·D and dk's 2·2·N·(N + A)·D (logits over batch + anchor columns, then gᵀ·q).
+    Bytes: every key (and the queries, which are among them) read once per pass, the
+    feats/anchors gradients written once.
+    """
+    keys = n + N_ANCHORS + m
+    flops = 2 * n * keys * d + 2 * 2 * n * keys * d + 4 * n * (n + N_ANCHORS) * d
+    size = torch.empty((), dtype=dtype).element_size()
+    return float(flops), float((2 * keys * d + (n + N_ANCHORS) * d) * size)

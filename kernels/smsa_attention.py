@@ -13,6 +13,10 @@ batch row with no valid key in any source gets a zero output (and zero gradients
 
 Design (flash-attention 2 style, written from its published algorithm):
 
+* Masking: per source, the full key blocks run in an unmasked main loop and only the ragged tail
+  block (valid length not a multiple of BLOCK_N) is masked, in the forward and in dQ. dK/dV owns
+  one key block per program: it never masks keys inside its query loop and zeroes the invalid
+  key rows once after it (row n of dK/dV depends on key n only).
 * forward ``_fwd_kernel``, grid (⌈L_q/BLOCK_M⌉, B·H_q): one program keeps a Q block in registers
   and runs the online softmax over the valid key blocks of source 0, then 1, ... (scores in base 2,
   ``exp2``, fp32 accumulators); it stores O and the row log-sum-exp (base 2, of the scaled scores;
@@ -30,6 +34,12 @@ Design (flash-attention 2 style, written from its published algorithm):
   heads × all key blocks of every source that hit the same dQ rows. It costs one extra QKᵀ and
   dO Vᵀ recomputation, as in the Triton flash-attention tutorial.
 
+Tiles: on CUDA each pass is autotuned over ``AUTOTUNE_CONFIGS[pass]``
+(``candidate_configs(pass, d, capability)`` per head dim and GPU), pruned at launch to the tiles
+that give ≥ 2 waves of CTAs when some do (see ``_prune``); with
+``torch.use_deterministic_algorithms(True)`` the first kept config runs untimed. Under the CPU
+interpreter: one fixed ``INTERPRETER_CONFIG``.
+
 Head dims: powers of two from 16 to 128. Dtypes: fp16 and bf16 (fp32 accumulation) and fp32
 (exact IEEE dots, used by the CPU interpreter tests).
 """
@@ -43,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_SOURCES", "SUPPORTED_HEAD_DIMS", "SMSAAttentionFunction", "smsa_attention_triton",
+__all__ = ["AUTOTUNE_CONFIGS", "INTERPRETER_CONFIG", "MAX_SOURCES", "SUPPORTED_HEAD_DIMS",
+           "SMSAAttentionFunction", "candidate_configs", "smsa_attention_triton",
            "unsupported_reason"]
 
 MAX_SOURCES = 4
@@ -67,25 +78,48 @@ def _n_valid(LENS, s: tl.constexpr, B, off_b, L, HAS_LENS: tl.constexpr):
 
 
 @triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skl, svl, start_n, n_valid, qk_scale, offs_n,
+               offs_d, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N); only a source's tail block
+    is MASKED (bounds checks on the loads, -inf on the scores)."""
+    cols = start_n + offs_n
+    if MASKED:
+        col_ok = cols < n_valid
+        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    # Every block visited holds at least one valid key, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_source(acc, m_i, l_i, q, K, V, skb, skh, skl, svb, svh, svl, off_b, off_hkv, n_valid,
                 qk_scale, offs_n, offs_d,
                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Full key blocks run unmasked; at most one ragged tail block per source is masked (the
+    # split of the Triton fused-attention tutorial's off-band/on-band stages and of the
+    # n_full_blocks/masked_blocks loops in flash-attention's AMD Triton kernel).
     k_base = K + off_b * skb + off_hkv * skh
     v_base = V + off_b * svb + off_hkv * svh
-    for start_n in range(0, n_valid, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < n_valid
-        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        # Every block visited holds at least one valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    n_full = n_valid - n_valid % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skl, svl, start_n, n_valid,
+                                   qk_scale, offs_n, offs_d, False, DOT_PREC)
+    if n_full < n_valid:
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skl, svl, n_full, n_valid,
+                                   qk_scale, offs_n, offs_d, True, DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -161,21 +195,39 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, sol, sdb, sdh, sdl, H_q, L_q,
 
 
 @triton.jit
-def _dq_source(dq, q, do, lse, delta, K, V, skb, skh, skl, svb, svh, svl, off_b, off_hkv, n_valid,
-               qk_scale, offs_n, offs_d, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    k_base = K + off_b * skb + off_hkv * skh
-    v_base = V + off_b * svb + off_hkv * svh
-    for start_n in range(0, n_valid, BLOCK_N):
-        cols = start_n + offs_n
+def _dq_block(dq, q, do, lse, delta, k_base, v_base, skl, svl, start_n, n_valid, qk_scale, offs_n,
+              offs_d, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    cols = start_n + offs_n
+    if MASKED:
         col_ok = cols < n_valid
         k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
+    else:
+        k = tl.load(k_base + cols[:, None] * skl + offs_d[None, :])
+        v = tl.load(v_base + cols[:, None] * svl + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
         p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_source(dq, q, do, lse, delta, K, V, skb, skh, skl, svb, svh, svl, off_b, off_hkv, n_valid,
+               qk_scale, offs_n, offs_d, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Unmasked main loop over full key blocks, one masked tail block (as in _fwd_source).
+    k_base = K + off_b * skb + off_hkv * skh
+    v_base = V + off_b * svb + off_hkv * svh
+    n_full = n_valid - n_valid % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skl, svl, start_n, n_valid, qk_scale,
+                       offs_n, offs_d, False, DOT_PREC)
+    if n_full < n_valid:
+        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skl, svl, n_full, n_valid, qk_scale,
+                       offs_n, offs_d, True, DOT_PREC)
     return dq
 
 
@@ -234,6 +286,26 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdl, start_m, L_q,
+               qk_scale, offs_m, offs_d, DOT_PREC: tl.constexpr):
+    """dK/dV contribution of queries [start_m, start_m + BLOCK_M). Rows past L_q load
+    q = dO = 0 and lse = +inf, so their P and dS are exactly 0."""
+    rows = start_m + offs_m
+    row_ok = rows < L_q
+    q = tl.load(q_base + rows[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + rows[:, None] * sdl + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
+    p_t = tl.math.exp2(qk_t - lse[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_block(Q, DO, LSE, Delta, K, V, DK, DV,
                 sqb, sqh, sql, sdb, sdh, sdl,
                 skb, skh, skl, svb, svh, svl, sgb, sgh, sgl,
@@ -250,7 +322,11 @@ def _dkdv_block(Q, DO, LSE, Delta, K, V, DK, DV,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    # A block past the valid length reads no query and stores zeros.
+    # Keys are never masked inside the loop: row n of dK/dV depends only on key n, so the keys
+    # past n_valid (tail block only) are zeroed once after it. The query side keeps its row
+    # bounds on the loads (predicates, no work on the N×M tile): splitting that loop into a main
+    # loop and a tail cost ptxas 128-384 B of spill on sm_90a at d = 128 (compile report). A key
+    # block past the valid length reads no query and stores zeros.
     m_end = tl.where(start_n < n_valid, L_q, 0)
     for g in range(0, GROUP):
         off_h = off_hkv * GROUP + g
@@ -258,21 +334,10 @@ def _dkdv_block(Q, DO, LSE, Delta, K, V, DK, DV,
         do_base = DO + off_b * sdb + off_h * sdh
         row_base = (off_b * H_q + off_h) * L_q
         for start_m in range(0, m_end, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < L_q
-            q = tl.load(q_base + rows[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdl + offs_d[None, :], mask=row_ok[:, None],
-                         other=0.0)
-            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
-            p_t = tl.math.exp2(qk_t - lse[None, :])
-            p_t = tl.where(col_ok[:, None], p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    dk = dk * sm_scale
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE + row_base, Delta + row_base,
+                                sql, sdl, start_m, L_q, qk_scale, offs_m, offs_d, DOT_PREC)
+    dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
     store_ok = (offs_n < L)[:, None]
     out_off = off_b * sgb + off_hkv * sgh + offs_n[:, None] * sgl + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=store_ok)
@@ -288,12 +353,17 @@ def _bwd_dkdv_kernel(
     sk1b, sk1h, sk1l, sv1b, sv1h, sv1l, sg1b, sg1h, sg1l,
     sk2b, sk2h, sk2l, sv2b, sv2h, sv2l, sg2b, sg2h, sg2l,
     sk3b, sk3h, sk3l, sv3b, sv3h, sv3l, sg3b, sg3h, sg3l,
-    L0, L1, L2, L3, END0, END1, END2,
+    L0, L1, L2, L3,
     B, H_q, H_kv, L_q, GROUP, sm_scale, qk_scale,
     NUM_SOURCES: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Flat grid over the key blocks of all sources: [0, END0) -> source 0, [END0, END1) -> 1, ...
+    # The block counts are computed here, not passed in, because the autotuner picks BLOCK_N
+    # after the arguments are fixed.
+    END0 = tl.cdiv(L0, BLOCK_N)
+    END1 = END0 + tl.cdiv(L1, BLOCK_N)
+    END2 = END1 + tl.cdiv(L2, BLOCK_N)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_kv).to(tl.int64)
@@ -335,26 +405,139 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_config(d: int, device: torch.device) -> dict:
-    """Block sizes and warps per kernel.
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
 
-    Each entry is (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
-    Under the CPU interpreter small 16×16 blocks keep tests fast and put block edges inside the
-    test lengths. On CUDA the tiles are the largest that ptxas compiles (bf16, three sources)
-    with at most ~200 bytes of register spill on sm_80 and sm_90a: forward 128×64; dK/dV, which
-    holds two BLOCK_N×d fp32 accumulators, 32×128 for d ≤ 64 and 64×64 at d = 128; dQ 128×32.
-    Three pipeline stages where the GPU has ≥ 160 KiB of shared memory per block (A100/H100),
-    else two. These were chosen from compile reports, not timings: tune them on the target GPU.
+
+# Autotune sets per pass (CUDA). BLOCK_M tiles queries, BLOCK_N keys. Every tile keeps the dim
+# that becomes the MMA's M at ≥ 64 (BLOCK_M in forward and dQ, BLOCK_N in dK/dV), the smallest
+# a Hopper warpgroup wgmma takes, so no config falls back to mma.sync on sm_90a. The first entry
+# of each list is the tile the kernel used before autotuning (the largest that compiled with at
+# most ~200 bytes of spill on sm_80 and sm_90a). Three stages need ≥ 160 KiB of shared memory
+# per block (A100/H100); a config that does not fit is skipped by the autotuner
+# (OutOfResources), so smaller GPUs keep the two-stage ones.
+AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
+    "fwd": [_config(128, 64, 8, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3),
+            _config(64, 64, 8, 3)],
+    "dkdv": [_config(64, 64, 8, 2), _config(32, 128, 8, 3), _config(32, 64, 4, 2),
+             _config(32, 64, 8, 2)],
+    "dq": [_config(128, 32, 8, 3), _config(64, 32, 4, 3), _config(64, 64, 4, 2),
+           _config(64, 32, 8, 3)],
+}
+# Under the CPU interpreter: one fixed small tile, so tests are fast and deterministic and block
+# edges fall inside the test lengths.
+INTERPRETER_CONFIG = _config(16, 16, 1, 1)
+_PRE_BLOCK = {"interpreter": 16, "small_d": 128, "large_d": 64}  # delta = rowsum(dO∘O)
+_DEFAULT_SMS = 132  # H100 SXM; the real count is read from the device when there is one
+_MIN_WAVES = 2
+
+
+def candidate_configs(kind: str, d: int, capability: int = 90) -> list[triton.Config]:
+    """The CUDA configs of pass ``kind`` ("fwd", "dkdv", "dq") tried at head dim ``d`` on a GPU
+    of compute capability ``capability`` (90 = sm_90a, 80 = sm_80), before the runtime
+    grid-fill pruning: what an ahead-of-time compile report should compile for each case.
+
+    Rules from the compile report (ptxas spills): the fp32 accumulators (BLOCK_M×d in forward
+    and dQ, two BLOCK_N×d in dK/dV) may take at most 64 registers per thread; on sm_80 (mma.sync
+    keeps its fragments in registers) d = 128 needs 8 warps, and dQ its 128-row tile (64 rows
+    spilled 560-1112 B there).
     """
-    if device.type != "cuda" or _interpreting():
-        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1), pre=16)
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", 0)
-    stages = 3 if smem >= 160 * 1024 else 2
-    if d <= 64:
-        return dict(fwd=(128, 64, 4, stages), dkdv=(32, 128, 8, stages),
-                    dq=(128, 32, 8, stages), pre=128)
-    return dict(fwd=(128, 64, 8, stages), dkdv=(64, 64, 8, 2), dq=(128, 32, 8, stages), pre=64)
+    out = []
+    for c in AUTOTUNE_CONFIGS[kind]:
+        acc = 2 * c.kwargs["BLOCK_N"] * d if kind == "dkdv" else c.kwargs["BLOCK_M"] * d
+        if acc > 64 * 32 * c.num_warps:
+            continue
+        if capability < 90 and d >= 128 and (c.num_warps < 8
+                                              or (kind == "dq" and c.kwargs["BLOCK_M"] < 128)):
+            continue
+        out.append(c)
+    return out
+
+
+def _grid_ctas(kind: str, cfg: triton.Config, args: dict) -> int:
+    if kind == "dkdv":
+        block_n = cfg.kwargs["BLOCK_N"]
+        n_blocks = sum(triton.cdiv(args[f"L{i}"], block_n) for i in range(MAX_SOURCES))
+        return n_blocks * args["B"] * args["H_kv"]
+    return triton.cdiv(args["L_q"], cfg.kwargs["BLOCK_M"]) * args["B"] * args["H_q"]
+
+
+def _num_sms(tensor: torch.Tensor) -> int:
+    if tensor.device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(tensor.device).multi_processor_count
+
+
+def _capability(tensor: torch.Tensor) -> int:
+    if tensor.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return 10 * major + minor
+
+
+def _prune(kind: str):
+    """Early pruning for ``kind``: drop tiles the head dim cannot hold, then — when some tile
+    gives at least ``_MIN_WAVES`` waves of CTAs — the tiles whose grid gives fewer.
+
+    Why (UniGenDet: B = 1, H_q = 28, H_kv = 4, d = 128, H100 with 132 SMs; counting one CTA per
+    SM, which is what a 128-row d = 128 tile with three stages leaves room for):
+    forward and dQ launch 28·⌈L_q/BLOCK_M⌉ CTAs. At L_q = 1024, BLOCK_M = 128 gives 224 CTAs =
+    1.70 waves, BLOCK_M = 64 gives 448 = 3.39 waves; both run ⌈waves⌉ rounds for a 15% idle tail
+    at one CTA per SM, but 64-row tiles fit two per SM (half the shared memory), so 448 CTAs on
+    264 slots. At L_q = 2048, 128 → 448 CTAs (3.39 waves, 15% tail), 64 → 896 (6.79 waves, 3%
+    tail). At L_q = 4096, 128 → 896 CTAs already: every config stays and the timing decides.
+    dK/dV launches Σ_s⌈L_s/BLOCK_N⌉·B·H_kv CTAs, each looping over G·L_q query rows, so its
+    waves are few and long: ΣL_s = 2496 at BLOCK_N = 64 is 39·4 = 156 CTAs = 1.18 waves (2
+    rounds, 41% of the SM-time idle); sources (64, 1024, 1024) give 33·4 = 132 = one full wave.
+    64 is also the smallest wgmma-friendly BLOCK_N, so filling the GPU there needs a split of
+    the query loop (not done yet). The autotuner then times what the pruning leaves.
+    """
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d = args["D"]
+        fits = candidate_configs(kind, d, _capability(args["Q"]))
+        configs = [c for c in configs if c in fits] or configs[:1]
+        target = _MIN_WAVES * _num_sms(args["Q"])
+        filling = [c for c in configs if _grid_ctas(kind, c, args) >= target]
+        return filling or configs
+    return prune
+
+
+_AUTOTUNE_KEYS = {
+    "fwd": ["B", "H_q", "L_q", "L0", "L1", "L2", "L3", "D", "NUM_SOURCES", "HAS_LENS"],
+    "dkdv": ["B", "H_q", "H_kv", "L_q", "L0", "L1", "L2", "L3", "D", "NUM_SOURCES", "HAS_LENS"],
+    "dq": ["B", "H_q", "L_q", "L0", "L1", "L2", "L3", "D", "NUM_SOURCES", "HAS_LENS"],
+}
+
+
+def _autotuned(kind: str, kernel):
+    return triton.autotune(configs=AUTOTUNE_CONFIGS[kind], key=_AUTOTUNE_KEYS[kind],
+                           prune_configs_by={"early_config_prune": _prune(kind)})(kernel)
+
+
+_TUNED = {"fwd": _autotuned("fwd", _fwd_kernel), "dkdv": _autotuned("dkdv", _bwd_dkdv_kernel),
+          "dq": _autotuned("dq", _bwd_dq_kernel)}
+_RAW = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
+
+def _launch(kind: str, grid, *args, **kwargs) -> None:
+    """Launch pass ``kind``: the fixed interpreter tile on CPU, the autotuned set on CUDA.
+
+    ``grid`` maps the chosen config's meta-parameters (BLOCK_M, BLOCK_N) to the launch grid.
+    """
+    if _interpreting() or not args[0].is_cuda:
+        cfg = INTERPRETER_CONFIG
+    elif torch.are_deterministic_algorithms_enabled():
+        # Timing may pick different tiles in different processes (a different summation order,
+        # so last-bit differences); deterministic mode takes the first config the pruning keeps.
+        named = dict(zip(_RAW[kind].arg_names, args))
+        cfg = _prune(kind)(AUTOTUNE_CONFIGS[kind], named, **kwargs)[0]
+    else:
+        _TUNED[kind][grid](*args, **kwargs)
+        return
+    _RAW[kind][grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,20 +601,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _forward(q, sources, lens, scale):
     b, h_q, l_q, d = q.shape
     h_kv = sources[0][0].shape[1]
-    cfg = _launch_config(d, q.device)
-    block_m, block_n, warps, stages = cfg["fwd"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h_q, l_q), dtype=torch.float32, device=q.device)
     ptrs, strides, lengths = _source_fwd_args(sources)
-    grid = (triton.cdiv(l_q, block_m), b * h_q)
-    _fwd_kernel[grid](
+    _launch(
+        "fwd", lambda meta: (triton.cdiv(l_q, meta["BLOCK_M"]), b * h_q),
         q, out, lse, lens if lens is not None else q, *ptrs,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *strides, *lengths,
         b, h_q, l_q, h_q // h_kv, scale * _LOG2E,
         NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        DOT_PREC=_dot_precision(q.dtype),
     )
     return out, lse
 
@@ -440,13 +620,15 @@ def _backward(do, q, out, lse, sources, lens, scale, need_dq=True, need_dkv=True
     b, h_q, l_q, d = q.shape
     h_kv = sources[0][0].shape[1]
     group = h_q // h_kv
-    cfg = _launch_config(d, q.device)
     prec = _dot_precision(q.dtype)
     ptrs, strides, lengths = _source_fwd_args(sources)
     lens_arg = lens if lens is not None else q
 
     delta = torch.empty_like(lse)
-    block_pre = cfg["pre"]
+    if _interpreting() or not q.is_cuda:
+        block_pre = _PRE_BLOCK["interpreter"]
+    else:
+        block_pre = _PRE_BLOCK["small_d" if d <= 64 else "large_d"]
     _bwd_preprocess[(triton.cdiv(l_q, block_pre), b * h_q)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h_q, l_q, D=d, BLOCK_M=block_pre)
@@ -455,11 +637,9 @@ def _backward(do, q, out, lse, sources, lens, scale, need_dq=True, need_dkv=True
     # allocated contiguous, so they share strides.
     grads = [(None, None)] * len(sources)
     if need_dkv:
-        block_m, block_n, warps, stages = cfg["dkdv"]
         grads = [(torch.empty(k.shape, dtype=k.dtype, device=k.device),
                   torch.empty(v.shape, dtype=v.dtype, device=v.device)) for k, v in sources]
-        kv_args, stride_args, ends = [], [], []
-        total = 0
+        kv_args, stride_args = [], []
         for i in range(MAX_SOURCES):
             if i < len(sources):
                 k, v = sources[i]
@@ -467,34 +647,32 @@ def _backward(do, q, out, lse, sources, lens, scale, need_dq=True, need_dkv=True
                 kv_args += [k, v, dk, dv]
                 stride_args += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
                                 v.stride(2), dk.stride(0), dk.stride(1), dk.stride(2)]
-                total += triton.cdiv(k.shape[2], block_n)
             else:
                 kv_args += [q, q, q, q]
                 stride_args += [0] * 9
-            ends.append(total)
-        if total > 0:
-            _bwd_dkdv_kernel[(total, b * h_kv)](
+        if sum(lengths) > 0:
+            _launch(
+                "dkdv",
+                lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in lengths), b * h_kv),
                 q, do, lse, delta, lens_arg, *kv_args,
                 q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                *stride_args, *lengths, ends[0], ends[1], ends[2],
+                *stride_args, *lengths,
                 b, h_q, h_kv, l_q, group, scale, scale * _LOG2E,
-                NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
-                BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+                NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d, DOT_PREC=prec,
             )
 
     if not need_dq:
         return None, grads
     # dQ: one program per query block, over every source's valid key blocks.
-    block_m, block_n, warps, stages = cfg["dq"]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _bwd_dq_kernel[(triton.cdiv(l_q, block_m), b * h_q)](
+    _launch(
+        "dq", lambda meta: (triton.cdiv(l_q, meta["BLOCK_M"]), b * h_q),
         q, do, dq, lse, delta, lens_arg, *ptrs,
         q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *strides, *lengths,
         b, h_q, l_q, group, scale, scale * _LOG2E,
-        NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        NUM_SOURCES=len(sources), HAS_LENS=lens is not None, D=d, DOT_PREC=prec,
     )
     return dq, grads
 

@@ -78,6 +78,117 @@ def test_matches_reference(b, h_q, h_kv, l_q, src_lens, d):
     _assert_matches(q, sources)
 
 
+# The forward and dQ run each source's full key blocks unmasked and mask only its ragged tail
+# block; dK/dV masks no key inside its query loop and zeroes the invalid key rows afterwards.
+# Under the interpreter the tile is 16×16 (INTERPRETER_CONFIG), so these lengths put every
+# source at, below or off a block edge.
+BLOCK = 16
+FP16_ATOL = FP16_RTOL = 2e-2  # fp16 inputs and P·V / dS·Q operands, fp32 accumulation
+
+
+def _assert_matches_fp16(q, sources, kv_lengths=None):
+    """fp16 kernel against the fp32 reference on the same (fp16-rounded) inputs."""
+    grad_out = torch.randn_like(q)
+    out, grads = _run(_kernel, q, sources, kv_lengths, grad_out)
+    q32 = q.detach().float().requires_grad_()
+    src32 = [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_())
+             for k, v in sources]
+    out32, grads32 = _run(smsa_attention_reference, q32, src32, kv_lengths, grad_out.float())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), out32, atol=FP16_ATOL, rtol=FP16_RTOL)
+    names = ["dq"] + [f"d{kv}_{i}" for i in range(len(sources)) for kv in ("k", "v")]
+    for name, g, g32 in zip(names, grads, grads32):
+        torch.testing.assert_close(g.float(), g32, atol=FP16_ATOL, rtol=FP16_RTOL,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_interpreter_tile_is_the_one_these_lengths_assume():
+    """Catches: the interpreter tile changing so the split tests below stop straddling edges."""
+    cfg = smsa_kernel.INTERPRETER_CONFIG
+    assert cfg.kwargs == {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "l_q, src_lens, kv_lengths",
+    [
+        # Every source an exact multiple of BLOCK_N, L_q too: main loops only, no tail anywhere.
+        (2 * BLOCK, (2 * BLOCK, BLOCK), None),
+        # Off the block size: full blocks then a tail; L_q ragged (masked last query block).
+        (BLOCK + 3, (2 * BLOCK + 1, BLOCK - 1), None),
+        # Single-block sources (exactly one block, and one shorter than a block) and an empty
+        # source (L_s = 0: no block at all, empty gradients).
+        (9, (BLOCK, 5, 0), None),
+        # Per-source valid lengths (batch rows 0, 1) on a block edge inside a longer source (the
+        # split follows the valid length, not L_s), one key past an edge, zero valid keys.
+        (BLOCK + 1, (2 * BLOCK + 5, BLOCK + 7), [[BLOCK, 2 * BLOCK + 1], [BLOCK + 1, 0]]),
+    ],
+    ids=["exact-multiples", "ragged", "single-block-and-empty", "valid-length-on-edge"],
+)
+def test_unmasked_main_loop_and_masked_tail_match_reference(l_q, src_lens, kv_lengths, dtype):
+    """Catches: skipping a source's tail block, running the tail unmasked (keys past the valid
+    length leak into the softmax or get gradients), folding the tail into the unmasked main
+    loop, deriving the split from L_s instead of the valid length, not zeroing dK/dV rows past
+    the valid length, and dropping the last query block of dK/dV."""
+    b = 1 if kv_lengths is None else len(kv_lengths[0])
+    q, sources = _inputs(b, 2, 1, l_q, src_lens, 16, dtype=dtype)  # GQA 2
+    lengths = None if kv_lengths is None else _lengths(kv_lengths)
+    if dtype == torch.float32:
+        _assert_matches(q, sources, lengths)
+    else:
+        _assert_matches_fp16(q, sources, lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune set and grid-fill pruning (pure Python: what runs on CUDA)
+# ---------------------------------------------------------------------------------------------
+
+def _unigendet_args(l_q, src_lens=(1024, 1024, 448)):
+    args = dict(Q=torch.empty(0), B=1, H_q=28, H_kv=4, L_q=l_q, D=128)
+    args.update({f"L{i}": (list(src_lens) + [0] * 4)[i] for i in range(4)})
+    return args
+
+
+def _acc_regs_per_thread(kind, cfg, d):
+    acc = 2 * cfg.kwargs["BLOCK_N"] * d if kind == "dkdv" else cfg.kwargs["BLOCK_M"] * d
+    return acc / (32 * cfg.num_warps)
+
+
+def test_autotune_configs_are_listed_and_wgmma_sized():
+    """Catches: a config whose MMA M-dim is below a Hopper warpgroup's 64 rows (mma.sync
+    fallback on sm_90a), a candidate whose fp32 accumulators exceed 64 registers per thread
+    (ptxas spills), a 4-warp d = 128 tile offered on sm_80 (spills there), or a pass left
+    without configs for the compile report to enumerate."""
+    for kind, mma_m in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkdv", "BLOCK_N")):
+        configs = smsa_kernel.AUTOTUNE_CONFIGS[kind]
+        assert 2 <= len(configs) <= 4
+        assert all(c.kwargs[mma_m] >= 64 for c in configs)
+        for d in smsa_kernel.SUPPORTED_HEAD_DIMS:
+            for cap in (80, 90):
+                cands = smsa_kernel.candidate_configs(kind, d, cap)
+                assert cands and all(_acc_regs_per_thread(kind, c, d) <= 64 for c in cands)
+        assert all(c.num_warps == 8 for c in smsa_kernel.candidate_configs(kind, 128, 80))
+    dkdv = smsa_kernel.candidate_configs
+    assert len(dkdv("dkdv", 64)) > len(dkdv("dkdv", 128))
+
+
+def test_grid_fill_pruning_at_unigendet_sizes():
+    """Catches: the pruning keeping 128-row tiles when they give under two waves of 132 SMs
+    while 64-row tiles fill them (L_q = 1024), dropping configs when every one fills the GPU
+    (L_q = 4096), or returning nothing when none does."""
+    prune = smsa_kernel._prune("fwd")
+    configs = smsa_kernel.AUTOTUNE_CONFIGS["fwd"]
+    kept = prune(configs, _unigendet_args(1024))  # 28·8 = 224 CTAs at 128 rows, 448 at 64
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 for c in kept)
+    fits = smsa_kernel.candidate_configs("fwd", 128)  # d = 128 drops the 4-warp 128-row tile
+    assert len(fits) == len(configs) - 1
+    assert prune(configs, _unigendet_args(4096)) == fits  # 28·32 = 896 CTAs at 128 rows
+    assert prune(configs, _unigendet_args(64)) == fits  # nothing fills the GPU: keep them all
+    dkdv = smsa_kernel._prune("dkdv")(smsa_kernel.AUTOTUNE_CONFIGS["dkdv"], _unigendet_args(1024))
+    assert dkdv and all(_acc_regs_per_thread("dkdv", c, 128) <= 64 for c in dkdv)
+
+
 @needs_kernel_device
 def test_padding_masks_and_empty_rows():
     # Batch row 1 has no key in source 0; batch row 2 has no key in any source (zero output,
