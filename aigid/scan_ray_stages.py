@@ -146,8 +146,7 @@ def walk(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> 
             if len(files) >= items_per_task:
                 flush_files()
         if len(errors) >= items_per_task:
-            out.append(_slice("errors", None, [e[0] for e in errors], sizes=[None] * len(errors),
-                              reasons=[e[1] for e in errors]))
+            out.append(_error_slice(errors))
             errors.clear()
         if len(out) >= 64:  # streamed: a walk of millions of files is never held whole
             skip.flush()
@@ -155,11 +154,16 @@ def walk(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> 
             out = []
     flush_files()
     if errors:
-        out.append(_slice("errors", None, [e[0] for e in errors], sizes=[None] * len(errors),
-                          reasons=[e[1] for e in errors]))
+        out.append(_error_slice(errors))
     skip.flush()
     if out:
         yield _slices(out)
+
+
+def _error_slice(errors: list[tuple[bytes, str]]) -> dict:
+    """One slice of (id, reason) pairs that became error rows while listing."""
+    return _slice("errors", None, [e[0] for e in errors], sizes=[None] * len(errors),
+                  reasons=[e[1] for e in errors])
 
 
 def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> Iterator[pa.Table]:
@@ -191,8 +195,7 @@ def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -
         if members:
             out.append(_member_slice(source, members))
         if errors:
-            out.append(_slice("errors", None, [e[0] for e in errors], sizes=[None] * len(errors),
-                              reasons=[e[1] for e in errors]))
+            out.append(_error_slice(errors))
         skip.flush()
         if out:
             yield _slices(out)

@@ -42,3 +42,14 @@ def tiny_config():
     from aigid.models.mirage import MiraGeConfig
 
     return copy.deepcopy(MiraGeConfig.named("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_mirage_folder(tmp_path_factory):
+    """A saved tiny MiraGe (seed 0, random backbone saved beside it), one per test module."""
+    from aigid.models.mirage import MiraGe, MiraGeConfig
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("det")
+    MiraGe(MiraGeConfig.named("tiny"), seed=0).save_pretrained(out)
+    return out

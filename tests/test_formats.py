@@ -14,24 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, features
 
 import aigid
 from aigid.data import images as images_mod
 from aigid.data.sources import image_format
-from aigid.models.mirage import MiraGe, MiraGeConfig
 from aigid.scan import scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("det")
-    MiraGe(MiraGeConfig.named("tiny"), seed=0).save_pretrained(out)
-    return aigid.load_detector(str(out))
+def detector(tiny_mirage_folder):
+    return aigid.load_detector(str(tiny_mirage_folder))
 
 
 def _pixels() -> np.ndarray:

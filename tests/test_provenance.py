@@ -19,7 +19,6 @@ from PIL import Image, PngImagePlugin
 
 import aigid
 from aigid.data.decode_cpu import Chunk, Meta, ScanDataset
-from aigid.models.mirage import MiraGe, MiraGeConfig
 from aigid.provenance import evidence_json, provenance_of, read_evidence
 from aigid.provenance import xmp as xmp_mod
 from aigid.scan import scan, scan_to_store
@@ -391,11 +390,8 @@ def test_random_corruption_never_raises():
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("det")
-    MiraGe(MiraGeConfig.named("tiny"), seed=0).save_pretrained(out)
-    return aigid.load_detector(str(out))
+def detector(tiny_mirage_folder):
+    return aigid.load_detector(str(tiny_mirage_folder))
 
 
 @pytest.fixture(scope="module")

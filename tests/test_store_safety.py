@@ -13,11 +13,9 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import aigid
-from aigid.models.mirage import MiraGe, MiraGeConfig
 from aigid.scan import model_id, scan, scan_to_store
 from aigid.store import (APPLICATION_ID, SCHEMA_VERSION, ResultStore, StoreError,
                          StoreLockedError)
@@ -36,11 +34,8 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("det")
-    MiraGe(MiraGeConfig.named("tiny"), seed=0).save_pretrained(out)
-    return aigid.load_detector(str(out))
+def detector(tiny_mirage_folder):
+    return aigid.load_detector(str(tiny_mirage_folder))
 
 
 def _scan(images, detector, **kw):
