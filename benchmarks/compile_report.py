@@ -102,6 +102,11 @@ def default_shapes() -> list[Any]:
     shapes: list[Any] = [SupConShape(f"bench N{n} M{m}", n, m)
                          for n in (256, 1024, 4096) for m in (64, 4096, 65536)]
     shapes.append(SupConShape("model MiraGe defaults", 32, 64))
+    # the other configs _config picks: 1024-d (ViT-H), unaligned 16-bit D, fp32 (IEEE dots)
+    shapes += [SupConShape("kernel bf16 D1024", 512, 4096, d=1024),
+               SupConShape("kernel fp16 D1000 (unaligned)", 512, 4096, d=1000, dtype="float16"),
+               SupConShape("kernel fp32 D768", 512, 4096, dtype="float32"),
+               SupConShape("kernel fp32 D33 (unaligned)", 512, 4096, d=33, dtype="float32")]
     shapes += [SMSAShape(f"bench Lq{l}", 2, 16, 4, l, (l, l, l)) for l in (256, 1024, 4096)]
     shapes.append(SMSAShape("model UniGenDet 1 image", 1, 28, 4, 1024, (64, 1024, 1024)))
     return shapes
@@ -258,8 +263,8 @@ def _kernel_modules():
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report needs compiled (not interpreted) kernels: run it "
                            "without TRITON_INTERPRET=1")
-    from aigid.kernels import smsa_attention, supcon_bank
-    return supcon_bank, smsa_attention
+    from aigid.kernels import smsa_attention, supcon_bank, supcon_small
+    return supcon_bank, smsa_attention, supcon_small
 
 
 class _Ctx:
@@ -317,10 +322,11 @@ def _run_shape(shape: Any, supcon_mod, smsa_mod) -> None:
 def enumerate_launches(dev: Device, shapes: Iterable[Any]) -> list[Launch]:
     """Every kernel launch the modules issue on ``dev`` for ``shapes`` (forward + backward)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    supcon_mod, smsa_mod = _kernel_modules()
+    supcon_mod, smsa_mod, small_mod = _kernel_modules()
     sink: list[Launch] = []
     current: list[Any] = [None]
-    with _pretend_gpu(dev, (supcon_mod, smsa_mod), sink, lambda: current[0].origin):
+    with _pretend_gpu(dev, (supcon_mod, smsa_mod, small_mod), sink,
+                      lambda: current[0].origin):
         for shape in shapes:
             current[0] = shape
             start = len(sink)
@@ -440,18 +446,26 @@ def _flops(kernel: str, bound: dict[str, Any], grid: tuple[int, int, int]
             keys = _supcon_padded_keys(n, a, m, split, grid[1], bn)
             exe = 2 * grid[0] * bm * keys * cdiv(d, bd) * bd
             return exe, 2 * n * (n + a + m) * d, "logits q·kᵀ"
-        if kernel == "_supcon_bwd_dq_kernel":
-            n, a, m, d, bm, bn, bd, bdo, split = (b[k] for k in (
-                "N", "A", "M", "D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO", "split_len"))
-            keys = _supcon_padded_keys(n, a, m, split, grid[2], bn)
-            exe = 2 * grid[0] * bm * keys * grid[1] * (cdiv(d, bd) * bd + bdo)
-            return exe, 4 * n * (n + a + m) * d, "logits once + g·k"
-        if kernel == "_supcon_bwd_dk_kernel":
-            n, d, bm, bn, bd, bdo = (b[k] for k in ("N", "D", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-                                                   "BLOCK_DO"))
-            cols = b["col_stop"] - b["col_start"]
-            exe = 2 * grid[0] * bn * grid[1] * cdiv(n, bm) * bm * (cdiv(d, bd) * bd + bdo)
-            return exe, 4 * cols * n * d, "logits once + gᵀ·q"
+        if kernel == "_supcon_bwd_weights_kernel":
+            n, d, bm, bn, bd, cols = (b[k] for k in ("N", "D", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                                     "n_cols"))
+            exe = 2 * grid[0] * bm * grid[1] * bn * cdiv(d, bd) * bd
+            return exe, 2 * n * cols * d, "logits once (G·K and Gᵀ·Q run as cuBLAS GEMMs)"
+        if kernel in ("_small_fwd_kernel", "_small_bwd_kernel"):
+            n, a, m, d, bm, ba, bb, tiles, bd = (b[k] for k in (
+                "N", "A", "M", "D", "BLOCK_M", "BLOCK_A", "BLOCK_B", "BANK_TILES", "BLOCK_D"))
+            keys = n + a + m
+            padded_keys = bm + ba + tiles * bb
+            exe = 2 * bm * padded_keys * cdiv(d, bd) * bd
+            useful = 2 * n * keys * d
+            if kernel == "_small_fwd_kernel":
+                return exe, useful, "logits q·kᵀ"
+            d_out = cdiv(d, b["BLOCK_DO"]) * b["BLOCK_DO"]
+            nf, na = bool(b["NEED_F"]), bool(b["NEED_A"])
+            # grad_feats = (G_b + G_bᵀ)·Q + G_a·A + G_m·Bank: the batch's dq and dk in one dot
+            exe += nf * 2 * bm * padded_keys * d_out + na * 2 * ba * bm * d_out
+            useful += nf * 2 * n * keys * d + 2 * n * (nf * n + na * a) * d
+            return exe, useful, "logits once + G·K + Gᵀ·Q"
         if kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
             s = b["NUM_SOURCES"]
             lens = [b[f"L{i}"] for i in range(s)]

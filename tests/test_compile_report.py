@@ -28,10 +28,10 @@ for tag, dev in cr.DEVICES.items():
 # Triton falls back to mma.sync) and an accumulator far too big for registers (spills).
 launches = cr.enumerate_launches(cr.H100, cr.representative_shapes()[:1])
 fwd = next(l for l in launches if l.kernel == "_supcon_fwd_kernel")
-dq = next(l for l in launches if l.kernel == "_supcon_bwd_dq_kernel")
+wk = next(l for l in launches if l.kernel == "_supcon_bwd_weights_kernel")
 small = dataclasses.replace(fwd, kwargs=dict(fwd.kwargs, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16,
                                              num_warps=1))
-spill = dataclasses.replace(dq, kwargs=dict(dq.kwargs, BLOCK_M=128, BLOCK_DO=512, num_warps=4))
+spill = dataclasses.replace(wk, kwargs=dict(wk.kwargs, BLOCK_M=256, BLOCK_N=256, num_warps=4))
 planted = []
 for launch in (small, spill):
     rec = vars(cr.analyse(cr.H100, [launch])[0])
@@ -74,7 +74,7 @@ def test_kernels_compile_without_spills_or_smem_overflow(reports, tag):
     more shared memory per block than the GPU has (the kernel would fail to launch)."""
     doc = reports[tag]
     names = {k["kernel"] for k in doc["kernels"]}
-    assert {"_supcon_fwd_kernel", "_supcon_bwd_dq_kernel", "_supcon_bwd_dk_kernel",
+    assert {"_supcon_fwd_kernel", "_supcon_bwd_weights_kernel",
             "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= names
     assert doc["problems"] == []
     for k in doc["kernels"]:
@@ -108,9 +108,33 @@ def test_waves_and_flop_ratio_follow_the_grid(reports):
     assert 1.0 <= launch["mma_over_useful"] < 1.01
 
 
+def test_supcon_forward_split_fills_one_wave_and_matches_the_compiled_occupancy(reports):
+    """Catches a split-K choice that spills a few CTAs into a second, mostly idle wave (the old
+    rule launched 320 CTAs on 264 slots, 1.21 waves), and an occupancy constant in the kernel
+    module that no longer matches what the compiled forward kernel fits per SM."""
+    from aigid.kernels import supcon_bank
+    fwd = next(k for k in reports["sm90a"]["kernels"] if k["kernel"] == "_supcon_fwd_kernel")
+    assert fwd["ctas_per_sm"] == supcon_bank.FWD_CTAS_PER_SM["16-bit"]
+    launch = next(l for l in fwd["launches"] if l["origin"] == "bench N4096 M65536")
+    assert 0.9 <= launch["waves"] <= 1.0
+
+
+def test_supcon_backward_recomputes_each_logit_once(reports):
+    """Catches a backward that recomputes logits more than once (the fused dq pass did 3× at
+    D = 768 plus a second pass for dk, 2.0× the useful MMA work) or whose gradient-weight
+    tiles leave the GPU idle: at N=4096, M=65536 every chunk launch must be several waves."""
+    wk = [k for k in reports["sm90a"]["kernels"] if k["kernel"] == "_supcon_bwd_weights_kernel"]
+    launches = [l for k in wk for l in k["launches"] if l["origin"] == "bench N4096 M65536"]
+    assert launches
+    useful = sum(l["useful_flops"] for l in launches)
+    assert useful == 2 * 4096 * (4096 + 2 + 65536) * 768  # every key column, once
+    assert sum(l["mma_flops"] for l in launches) / useful < 1.01
+    assert min(l["waves"] for l in launches if l["useful_flops"] > 1e10) >= 4
+
+
 def test_check_flags_planted_bugs(reports):
     """Catches a check that passes everything: a one-warp 16-row tile must be reported as
-    'no wgmma' and a 128×512 fp32 accumulator on 4 warps as a spill."""
+    'no wgmma' and a 256×256 fp32 logit tile on 4 warps as a spill."""
     small, spill = reports["planted"]
     assert not any(s.startswith("wgmma") for s in small["mma"])
     assert any("no wgmma" in p for p in small["problems"])

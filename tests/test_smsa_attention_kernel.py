@@ -189,6 +189,123 @@ def test_grid_fill_pruning_at_unigendet_sizes():
     assert dkdv and all(_acc_regs_per_thread("dkdv", c, 128) <= 64 for c in dkdv)
 
 
+# ---------------------------------------------------------------------------------------------
+# dK/dV GQA split (grid axis 2): SPLITS programs per key block, fp32 partials summed by torch
+# ---------------------------------------------------------------------------------------------
+
+def _spy_dkdv_launches(monkeypatch):
+    """Record (grid, arguments by name) of every dK/dV launch, the grid for the config run."""
+    calls = []
+    real = smsa_kernel._launch
+
+    def spy(kind, grid, *args, **kwargs):
+        if kind == "dkdv":
+            named = dict(zip(smsa_kernel._bwd_dkdv_kernel.arg_names, args), **kwargs)
+            calls.append((tuple(grid(smsa_kernel.INTERPRETER_CONFIG.kwargs)), named))
+        return real(kind, grid, *args, **kwargs)
+
+    monkeypatch.setattr(smsa_kernel, "_launch", spy)
+    return calls
+
+
+@needs_kernel_device
+@pytest.mark.parametrize(
+    "h_q, h_kv, splits, launched",
+    [
+        (4, 1, 2, 2),   # GROUP 4, 2 heads per split
+        (4, 1, 3, 3),   # a split count not dividing GROUP: heads {0, 3}, {1}, {2}
+        (4, 1, 4, 4),   # one head per split (SPLITS = GROUP)
+        (6, 2, 2, 2),   # two KV heads, GROUP 3: heads {0, 2}, {1}
+        (6, 2, 3, 3),   # SPLITS = GROUP = 3
+        (2, 2, 3, 1),   # GROUP 1: a forced split is clamped to the group, direct path
+    ],
+    ids=["g4-s2", "g4-s3", "g4-s4", "g3-s2", "g3-s3", "g1-clamped"],
+)
+def test_dkdv_gqa_split_matches_reference(monkeypatch, h_q, h_kv, splits, launched):
+    """Catches: a split looping from head 0 instead of pid_s (heads counted twice, others
+    dropped), a split stride missing from the store (all splits overwrite split 0 and the other
+    partials stay uninitialised), the host summing only part of the split axis (first two
+    splits), keys past a ragged valid length left with nonzero partials, the forced count
+    ignored (grid axis 2 ≠ SPLITS) or not clamped to the group, a partial buffer for SPLITS 1."""
+    monkeypatch.setattr(smsa_kernel, "_FORCE_DKDV_SPLITS", splits)
+    calls = _spy_dkdv_launches(monkeypatch)
+    # Three sources, the middle one empty; batch row 1 has a valid length on a block edge in
+    # source 0 and no valid key in source 2; L_q ragged.
+    q, sources = _inputs(2, h_q, h_kv, BLOCK + 3, (2 * BLOCK + 5, 0, BLOCK + 7), 16)
+    _assert_matches(q, sources, _lengths([[2 * BLOCK + 5, BLOCK], None, [9, 0]]))
+    assert [(grid[2], named["SPLITS"]) for grid, named in calls] == [(launched, launched)]
+
+
+@needs_kernel_device
+def test_dkdv_gqa_split_with_four_sources_and_no_lengths(monkeypatch):
+    """Catches: a per-source branch of the kernel (source 3's runs only with four sources) not
+    handed its split index, the split path assuming valid lengths (HAS_LENS), or the shared
+    buffer's source offsets off by one source (an empty third source before a non-empty one)."""
+    monkeypatch.setattr(smsa_kernel, "_FORCE_DKDV_SPLITS", 2)
+    q, sources = _inputs(1, 3, 1, 9, (3, 17, 0, 12), 16)  # GROUP 3, SPLITS 2: heads {0, 2}, {1}
+    _assert_matches(q, sources)
+
+
+@needs_kernel_device
+def test_unsplit_dkdv_writes_the_gradients_directly(monkeypatch):
+    """Catches: the default path (SPLITS = 1) routed through an fp32 partial buffer and a torch
+    reduction (extra memory and a pass the unsplit launch never needs), or a split launched under
+    the interpreter without being forced."""
+    calls = _spy_dkdv_launches(monkeypatch)
+    q, sources = _inputs(1, 4, 1, 10, (7, 12), 16)
+    out = smsa_kernel.smsa_attention_triton(q, sources)
+    leaves = [t for pair in sources for t in pair]
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    (grid, launched), = calls
+    assert grid[2] == 1 and launched["SPLITS"] == 1
+    for i in range(2):
+        assert launched[f"DK{i}"].data_ptr() == grads[2 * i].data_ptr()
+        assert launched[f"DV{i}"].data_ptr() == grads[2 * i + 1].data_ptr()
+        assert launched[f"DK{i}"].dtype == q.dtype
+
+
+def test_dkdv_split_count_fills_two_waves_at_unigendet_sizes():
+    """Catches: a split heuristic that ignores the wave target (always 1 or always GROUP),
+    proposes unbalanced counts (5 or 6 heads' splits for G = 7, no shorter critical path than 4),
+    sizes the split at the largest candidate BLOCK_N instead of the smallest (too many splits at
+    d = 64), or applies the split under the CPU interpreter without being forced."""
+    split = smsa_kernel._grid_fill_splits
+    assert smsa_kernel._split_counts(7) == [1, 2, 3, 4, 7]
+    assert smsa_kernel._split_counts(4) == [1, 2, 4]
+    assert smsa_kernel._split_counts(1) == [1]
+    # UniGenDet, H100 (132 SMs): 33·4 = 132 CTAs at BLOCK_N = 64 -> 2 splits, 264 = 2 waves;
+    # ΣL_s = 2496: 156 -> 312 CTAs; A100 (108 SMs): 132 -> 264 ≥ 216. Same at d = 64, where a
+    # 128-key tile is also a candidate (17·4 = 68 CTAs there would ask for 4 splits).
+    assert split((64, 1024, 1024), 1, 4, 7, 128) == 2
+    assert split((1024, 1024, 448), 1, 4, 7, 128) == 2
+    assert split((64, 1024, 1024), 1, 4, 7, 128, capability=80, sms=108) == 2
+    assert split((64, 1024, 1024), 1, 4, 7, 64) == 2
+    # bench Lq256 (B 2, G 4): 96 CTAs -> 2 splits give 192 < 264, so 4; Lq1024: 384 already.
+    assert split((256,) * 3, 2, 4, 4, 128) == 4
+    assert split((1024,) * 3, 2, 4, 4, 128) == 1
+    assert split((16,), 1, 1, 7, 128) == 7  # nothing fills the GPU: one head per program
+    assert split((16,), 1, 1, 1, 128) == 1
+    q = torch.empty(1, 28, 1024, 128)  # CPU tensor: the interpreter path
+    assert smsa_kernel._dkdv_splits(q, (64, 1024, 1024), 1, 4, 7) == 1
+    assert smsa_kernel._dkdv_splits(q, (64, 1024, 1024), 1, 4, 7, forced=3) == 3
+    assert smsa_kernel._dkdv_splits(q, (64, 1024, 1024), 1, 4, 7, forced=9) == 7
+
+
+def test_dkdv_pruning_counts_the_split_grid():
+    """Catches: ``_grid_ctas`` ignoring the split factor, so the pruning keeps a 128-key tile
+    that halves a split grid below two waves (d = 64, UniGenDet at SPLITS = 2: 64-key tiles
+    give 39·4·2 = 312 CTAs, 128-key tiles 20·4·2 = 160 < 264)."""
+    configs = smsa_kernel.AUTOTUNE_CONFIGS["dkdv"]
+    args = dict(_unigendet_args(1024), D=64)
+    assert any(c.kwargs["BLOCK_N"] == 128 for c in smsa_kernel.candidate_configs("dkdv", 64))
+    cfg128 = next(c for c in configs if c.kwargs["BLOCK_N"] == 128)
+    assert smsa_kernel._grid_ctas("dkdv", cfg128, dict(args, SPLITS=2)) == 160
+    unsplit = smsa_kernel._prune("dkdv")(configs, args)  # 156 / 80 CTAs: none fills, keep all
+    assert any(c.kwargs["BLOCK_N"] == 128 for c in unsplit)
+    kept = smsa_kernel._prune("dkdv")(configs, dict(args, SPLITS=2))
+    assert kept and all(c.kwargs["BLOCK_N"] == 64 for c in kept)
+
+
 @needs_kernel_device
 def test_padding_masks_and_empty_rows():
     # Batch row 1 has no key in source 0; batch row 2 has no key in any source (zero output,
@@ -441,6 +558,29 @@ def test_gpu_auto_dispatch_picks_the_kernel():
     q, sources = _inputs(1, 4, 1, 64, (64, 32), 64, dtype=torch.bfloat16, device="cuda")
     ops.smsa_attention(q, sources)
     assert backends.chosen()["smsa"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_dkdv_split_matches_unsplit_and_repeats_bitwise(monkeypatch):
+    """Catches, at UniGenDet's size in bf16 (GROUP 7): a split whose partials race or are
+    summed in a varying order (two runs differ), or a split path that drifts from the unsplit
+    one by more than the bf16 rounding of a differently ordered fp32 sum."""
+    q, sources = _inputs(1, 28, 4, 1024, (64, 1024, 1024), 128, dtype=torch.bfloat16,
+                         device="cuda")
+    splits = max(2, smsa_kernel._dkdv_splits(q, (64, 1024, 1024), 1, 4, 7))
+    grad_out = torch.randn_like(q)
+    leaves = [t for pair in sources for t in pair]
+
+    def grads(forced):
+        monkeypatch.setattr(smsa_kernel, "_FORCE_DKDV_SPLITS", forced)
+        return torch.autograd.grad(smsa_kernel.smsa_attention_triton(q, sources), leaves,
+                                   grad_out)
+
+    first, again, unsplit = grads(splits), grads(splits), grads(1)
+    for a, b, u in zip(first, again, unsplit):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.float(), u.float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu

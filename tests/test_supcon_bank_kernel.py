@@ -8,41 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aigid import backends, ops
 from aigid.kernels.reference import supcon_bank_loss_reference
+from supcon_inputs import supcon_inputs as _inputs
 
 supcon_bank = pytest.importorskip("aigid.kernels.supcon_bank", reason="needs Triton")
 
 CPU = torch.device("cpu")
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _inputs(n, a, m, d, *, labels="random", n_cls=2, seed=0, device=CPU, dtype=torch.float32):
-    """Unit-norm feats/anchors/bank and integer labels for one case."""
-    g = torch.Generator().manual_seed(seed)
-    feats, anchors, bank = (F.normalize(torch.randn(k, d, generator=g), dim=1) for k in (n, a, m))
-    if labels == "random":
-        y, ya, yb = (torch.randint(0, n_cls, (k,), generator=g) for k in (n, a, m))
-    elif labels == "same":
-        y, ya, yb = (torch.full((k,), 7) for k in (n, a, m))
-    elif labels == "distinct":  # every key its own class: no row has a positive
-        ids = torch.randperm(n + a + m, generator=g) * 13 - 40
-        y, ya, yb = ids[:n], ids[n:n + a], ids[n + a:]
-    elif labels == "large":  # arbitrary ids: negative and beyond int32
-        pool = torch.tensor([-3, 2**40, 5, 2**40 + 1])
-        y, ya, yb = (pool[torch.randint(0, len(pool), (k,), generator=g)] for k in (n, a, m))
-    elif labels == "some_alone":  # even rows get a class of their own; odd rows share class 1
-        y = torch.where(torch.arange(n) % 2 == 0, 100 + torch.arange(n), 1)
-        ya = torch.ones(a, dtype=torch.long)
-        yb = torch.randint(0, 3, (m,), generator=g)
-    else:
-        raise ValueError(labels)
-    tensors = [t.to(device=device, dtype=dtype) for t in (feats, anchors, bank)]
-    return (*tensors, *(t.to(device) for t in (y, ya, yb)))
 
 
 def _run(fn, feats, anchors, bank, y, ya, yb, tau, grad_scale=1.0, **kw):
@@ -54,10 +30,12 @@ def _run(fn, feats, anchors, bank, y, ya, yb, tau, grad_scale=1.0, **kw):
     return loss.detach(), f.grad, a.grad, b.grad
 
 
-def _check_parity(n, a, m, d, *, tau=0.1, key_splits=None, grad_scale=1.0, **kw):
+def _check_parity(n, a, m, d, *, tau=0.1, key_splits=None, bwd_chunk=None, grad_scale=1.0,
+                  path="auto", **kw):
     args = _inputs(n, a, m, d, **kw)
     ref = _run(supcon_bank_loss_reference, *args, tau, grad_scale)
-    out = _run(supcon_bank.supcon_bank_loss_triton, *args, tau, grad_scale, key_splits=key_splits)
+    out = _run(supcon_bank.supcon_bank_loss_triton, *args, tau, grad_scale, key_splits=key_splits,
+               bwd_chunk=bwd_chunk, path=path)
     assert out[0].dtype == torch.float32
     torch.testing.assert_close(out[0], ref[0], **FP32_TOL)
     torch.testing.assert_close(out[1], ref[1], **FP32_TOL)
@@ -82,6 +60,10 @@ CASES = {
     "low_temperature": dict(n=10, a=2, m=25, d=17, tau=0.02),
     "splits_straddle_sources": dict(n=20, a=3, m=40, d=18, n_cls=3, key_splits=3),
     "many_splits_upstream_grad": dict(n=17, a=2, m=33, d=24, key_splits=5, grad_scale=2.5),
+    # the backward's gradient weights in several key chunks per source (16 = one tile wide;
+    # 5 = narrower than a tile, so chunk edges fall inside tiles)
+    "bwd_chunks_of_one_tile": dict(n=37, a=3, m=50, d=20, n_cls=3, bwd_chunk=16),
+    "bwd_chunks_inside_tiles": dict(n=19, a=7, m=23, d=9, bwd_chunk=5, grad_scale=0.5),
 }
 
 
@@ -90,12 +72,58 @@ def test_parity_fp32(case):
     _check_parity(**CASES[case])
 
 
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_parity_fp32_small_path_through_autograd(case, monkeypatch):
+    """Catches the autograd function mis-wiring the one-program path: its lse2/n_pos saved
+    under the tiled convention, the upstream gradient or the anchors' gradient dropped, or
+    ``path="small"`` silently running the tiled kernels."""
+    calls = []
+    for name in ("small_forward", "small_backward"):
+        real = getattr(supcon_bank, name)
+        monkeypatch.setattr(supcon_bank, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    _check_parity(**CASES[case], path="small")
+    assert calls == ["small_forward", "small_backward"]
+
+
+def test_path_choice_and_errors(monkeypatch):
+    """Catches "auto" taking the small path off CUDA (the interpreter tests would then never
+    cover the tiled kernels), and ``path="small"`` accepting a shape it cannot hold."""
+    calls = []
+    monkeypatch.setattr(supcon_bank, "small_forward", lambda *a: calls.append(1))
+    feats, anchors, bank, y, ya, yb = _inputs(8, 2, 10, 12)
+    supcon_bank.supcon_bank_loss_triton(feats, y, bank, yb, anchors, ya, 0.1)
+    assert calls == []
+    big_bank, yb_big = torch.zeros(129, 12), torch.zeros(129, dtype=torch.long)
+    with pytest.raises(ValueError, match="M ≤ 128"):
+        supcon_bank.supcon_bank_loss_triton(feats, y, big_bank, yb_big, anchors, ya, 0.1,
+                                            path="small")
+    with pytest.raises(ValueError, match="path must be"):
+        supcon_bank.supcon_bank_loss_triton(feats, y, bank, yb, anchors, ya, 0.1, path="fast")
+
+
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 24), a=st.integers(0, 4), m=st.integers(0, 24), d=st.integers(1, 40),
-       n_cls=st.integers(1, 5), splits=st.sampled_from([None, 2]), seed=st.integers(0, 2**16))
-def test_parity_random_shapes(n, a, m, d, n_cls, splits, seed):
-    _check_parity(n, a, m, d, n_cls=n_cls, key_splits=splits, seed=seed)
+       n_cls=st.integers(1, 5), splits=st.sampled_from([None, 2]),
+       chunk=st.sampled_from([None, 3, 16]), seed=st.integers(0, 2**16))
+def test_parity_random_shapes(n, a, m, d, n_cls, splits, chunk, seed):
+    _check_parity(n, a, m, d, n_cls=n_cls, key_splits=splits, bwd_chunk=chunk, seed=seed)
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one_chunk", "chunks"])
+def test_parity_fp16_interpreter(chunk):
+    """Catches a 16-bit tiled path that breaks where fp32 works: GEMMs mixing fp16 weights with
+    fp32 operands, gradients returned in the wrong dtype, a weight tile stored unscaled or
+    cast wrongly. Tolerance 2e-3 of the largest entry: G is stored in fp16 (~5e-4 relative)
+    before its GEMMs, as flash-attention stores P, and the gradients come back in fp16."""
+    args = _inputs(40, 2, 45, 24, n_cls=3, dtype=torch.float16)
+    ref = _run(supcon_bank_loss_reference, *[t.float() if t.is_floating_point() else t
+                                             for t in args], 0.1)
+    out = _run(supcon_bank.supcon_bank_loss_triton, *args, 0.1, bwd_chunk=chunk)
+    assert out[1].dtype == out[2].dtype == torch.float16
+    for o, r in zip(out[:3], ref[:3]):
+        torch.testing.assert_close(o.float(), r, rtol=2e-3, atol=2e-3 * r.abs().max().item())
 
 
 def test_no_positives_gives_attached_zero():
