@@ -73,7 +73,24 @@ class Calibration:
         p = np.asarray(p, dtype=np.float64)
         if self.method == "temperature":
             return _sigmoid(_logit(p) / self.T)
-        return np.interp(p, self.x, self.y)
+        # np.interp maps NaN to y[0] when there is a single knot: keep a skipped image's NaN
+        return np.where(np.isnan(p), np.nan, np.interp(p, self.x, self.y))
+
+    def apply_torch(self, p: torch.Tensor) -> torch.Tensor:
+        """``apply`` in torch ops, for graphs that must carry the map (``aigid.export_model``,
+        ``aigid.hf``): calibrated P(fake) in ``p``'s dtype and device; NaN stays NaN. It computes
+        in float64 as ``apply`` does (float32 on MPS, which has no float64), so a float32 ``p``
+        gives ``apply``'s result rounded to float32, as ``predict`` returns it. See
+        ``CalibrationMap``."""
+        return CalibrationMap(self).to(p.device)(p)
+
+    def describe(self) -> str:
+        """One line naming the map, e.g. ``temperature scaling (T = 1.83)`` or ``isotonic
+        regression (12 knots on raw P(fake) 0.031..0.97)``, for logs and model cards."""
+        if self.method == "temperature":
+            return f"temperature scaling (T = {self.T:.4g})"
+        return (f"isotonic regression ({len(self.x)} knots on raw P(fake) "
+                f"{min(self.x):.4g}..{max(self.x):.4g}, clipped outside)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; the unset fields of the other method are left out."""
@@ -85,6 +102,55 @@ class Calibration:
         if unknown:
             raise ValueError(f"unknown calibration fields {sorted(unknown)}")
         return cls(**raw)
+
+
+class CalibrationMap(torch.nn.Module):
+    """``Calibration.apply`` as a module of export-friendly torch ops (``torch.export`` and the
+    ONNX exporter both take it): raw P(fake) (any shape) → calibrated P(fake), same dtype.
+
+    - temperature: ``sigmoid(logit(clip(p, _EPS, 1 - _EPS)) / T)``, ``T`` a constant;
+    - isotonic: ``np.interp(p, x, y)``: linear between the knots (stored as buffers, so the
+      exporters keep them as constants), ``y[0]`` below ``x[0]``, ``y[-1]`` from ``x[-1]`` on
+      (scikit-learn's ``out_of_bounds="clip"``). The segment is found by broadcasting ``p >= x``
+      over the knots (an (N, K) comparison; no ``searchsorted``/``bucketize``) and taken as
+      numpy does: the last knot at or below ``p``, so repeated knots behave as in ``np.interp``.
+
+    Computes in float64 (float32 on MPS); NaN stays NaN (also with a single knot)."""
+
+    def __init__(self, calibration: "Calibration"):
+        super().__init__()
+        self.method = calibration.method
+        self.T = float(calibration.T) if calibration.method == "temperature" else None
+        if calibration.method == "isotonic":
+            self.register_buffer("x", torch.tensor(calibration.x, dtype=torch.float64))
+            self.register_buffer("y", torch.tensor(calibration.y, dtype=torch.float64))
+
+    def _work_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float32 if p.device.type == "mps" else torch.float64
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        q = p.to(self._work_dtype(p))
+        if self.method == "temperature":
+            q = q.clamp(_EPS, 1 - _EPS)
+            out = torch.sigmoid((torch.log(q) - torch.log1p(-q)) / self.T)
+        else:
+            out = self._interp(q)
+        return out.to(p.dtype)
+
+    def _interp(self, q: torch.Tensor) -> torch.Tensor:
+        x, y = self.x.to(q.dtype), self.y.to(q.dtype)
+        k = x.shape[0]
+        if k == 1:  # one knot (all held-out scores equal): y[0] everywhere but NaN
+            return torch.where(torch.isnan(q), q, torch.zeros_like(q) + y[0])
+        # j: the last knot with x[j] <= q (-1 below them all), as np.interp's search
+        j = (q.unsqueeze(-1) >= x).to(torch.int64).sum(-1) - 1
+        j = j.clamp(0, k - 2)
+        x0, x1, y0, y1 = x[j], x[j + 1], y[j], y[j + 1]
+        width = torch.where(x1 > x0, x1 - x0, torch.ones_like(x0))  # 0/0 only where not used
+        inside = (y1 - y0) / width * (q - x0) + y0
+        inside = torch.where(q == x0, y0, inside)
+        out = torch.where(q < x[0], y[0].expand_as(q), torch.where(q >= x[-1], y[-1].expand_as(q), inside))
+        return torch.where(torch.isnan(q), q, out)
 
 
 # ---- fitting ---------------------------------------------------------------------------------

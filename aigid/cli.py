@@ -532,6 +532,7 @@ def _check_calibrate(args) -> None:
 
 def _cmd_calibrate(args) -> int:
     from aigid.calibration import save_calibration
+    from aigid.models.card import refresh_card_calibration
     from aigid.evaluate import calibrate
 
     detector = _load_detector(args)
@@ -543,6 +544,7 @@ def _cmd_calibrate(args) -> int:
         written = args.out
     else:
         written = save_calibration(args.detector, report["calibration"])  # config.json only, atomically
+        refresh_card_calibration(args.detector, detector)  # keeps the card's training summary
     log.info("stored %s calibration, threshold %.4g (%s) in %s", report["method"], report["threshold"],
              report["rule"], written)
     _print_json({**{k: v for k, v in report.items() if k != "calibration"}, "written": str(written)})

@@ -1,8 +1,13 @@
 """Export a detector for serving without aigid's Python: ONNX or a ``torch.export`` program.
 
 The exported graph takes preprocessed pixels (N, 3, S, S) — the output of the detector's
-``preprocess``, S its crop size — and returns P(fake), (N,) float32: ``predict``'s numbers. The
-batch size is dynamic. MiraGe's class anchors come from the text tower, which does not depend
+``preprocess``, S its crop size — and returns P(fake), (N,) float32: ``predict``'s numbers: when the
+detector stores a calibration (``aigid calibrate``), the map is part of the graph
+(``aigid.calibration.CalibrationMap``: temperature scaling or isotonic interpolation, in torch ops),
+so the file returns calibrated P(fake) as ``predict`` does; ``calibrated=False`` exports the raw
+softmax. The threshold is not in the graph: read it from the detector's config.json
+(``calibration.threshold``; fake when P(fake) > it, 0.5 when none is stored). The batch size is
+dynamic. MiraGe's class anchors come from the text tower, which does not depend
 on the image: they are computed once here and stored in the graph as a constant, so the
 exported model is the prompted vision tower, one matrix product and a softmax.
 
@@ -21,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aigid.calibration import Calibration, CalibrationMap
+
 __all__ = ["export_model", "ExportableMiraGe", "FORMATS"]
 
 log = logging.getLogger(__name__)
@@ -30,10 +37,10 @@ Format = Literal["onnx", "torch-export"]
 
 class ExportableMiraGe(nn.Module):
     """pixels (N, 3, S, S) → P(fake) (N,): MiraGe's inference path with the anchors and the
-    vision prompts frozen. Only the vision tower is a submodule: the text tower stays out of the
-    exported file."""
+    vision prompts frozen, then the stored calibration if any (and ``calibrated``). Only the
+    vision tower is a submodule: the text tower stays out of the exported file."""
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, calibrated: bool = True):
         super().__init__()
         self.visual = detector.clip.visual              # registered: its weights go in the graph
         self._encoder = [detector.vision_encoder]       # a list: not a second copy of the tower
@@ -43,14 +50,19 @@ class ExportableMiraGe(nn.Module):
             self.register_buffer("vision_prompts", detector.prompts.vision().detach().clone())
             self.register_buffer("logit_scale", detector.clip.logit_scale.exp().float().detach().clone())
         self.fake_index = 1  # MiraGe's class order: ["Real", "Fake"]
+        stored = getattr(detector.config, "calibration", None) if calibrated else None
+        self.calibration = Calibration.from_dict(stored) if stored else None
+        # a submodule, so isotonic knots are buffers: constants of the exported graph
+        self.calibration_map = CalibrationMap(self.calibration) if self.calibration else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         h = F.normalize(self._encoder[0](pixels, self.vision_prompts).float(), dim=-1)
         logits = self.logit_scale * h @ self.anchors.T  # predict's expression, same order
-        return logits.float().softmax(-1)[:, self.fake_index]
+        p = logits.float().softmax(-1)[:, self.fake_index]
+        return p if self.calibration_map is None else self.calibration_map(p)
 
 
-def _exportable(detector: Any) -> tuple[nn.Module, int]:
+def _exportable(detector: Any, calibrated: bool = True) -> tuple[nn.Module, int]:
     arch = getattr(getattr(detector, "config", None), "arch", None)
     if arch == "unigendet":
         raise NotImplementedError("UniGenDet cannot be exported (variable-size images, sampled VAE "
@@ -58,24 +70,29 @@ def _exportable(detector: Any) -> tuple[nn.Module, int]:
                                   "serve it with aigid")
     if arch != "mirage":
         raise ValueError(f"cannot export a {type(detector).__name__} (arch {arch!r})")
-    return ExportableMiraGe(detector).eval(), int(detector.config.preprocess["size"])
+    return ExportableMiraGe(detector, calibrated).eval(), int(detector.config.preprocess["size"])
 
 
 def export_model(detector: Any, path: Union[str, os.PathLike], format: Format = "onnx",
-                 opset: int = 18) -> str:
+                 opset: int = 18, calibrated: bool = True) -> str:
     """Write ``detector`` (a MiraGe) to ``path`` as ``format``; returns the path.
 
     ``"torch-export"``: ``torch.export.export`` + ``torch.export.save`` (a ``.pt2`` file; load it
     with ``torch.export.load(path).module()``). ``"onnx"``: ``torch.onnx.export`` (needs the
     ``onnx`` and ``onnxscript`` packages; run it with onnxruntime). Input ``pixels`` (N, 3, S, S)
     float32, output ``p_fake`` (N,) float32; N is dynamic. The model is exported on CPU in
-    float32 (``predict`` on CPU computes in float32 too)."""
+    float32 (``predict`` on CPU computes in float32 too). With a calibration stored in the
+    detector's config the output is calibrated P(fake), ``predict``'s default; ``calibrated=False``
+    exports the raw softmax (``predict(..., calibrated=False)``)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = os.fspath(path)
-    module, size = _exportable(detector)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in module.state_dict().values()):
+    module, size = _exportable(detector, calibrated)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for k, t in module.state_dict().items()
+           if not k.startswith("calibration_map.")):  # the knots are float64 on purpose
         module = copy.deepcopy(module).to("cpu", torch.float32)  # the caller's detector stays as it is
+        if module.calibration is not None:  # .to(float32) rounded the knots: rebuild them
+            module.calibration_map = CalibrationMap(module.calibration)
     example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = {"pixels": {0: batch}}
@@ -89,6 +106,14 @@ def export_model(detector: Any, path: Union[str, os.PathLike], format: Format = 
             torch.onnx.export(module, (example,), path, input_names=["pixels"], output_names=["p_fake"],
                               dynamic_shapes=shapes, opset_version=opset, dynamo=True,
                               external_data=False, verbose=False)
-    log.info("aigid: exported %s to %s (%s, input (N, 3, %d, %d) preprocessed pixels, output P(fake))",
-             type(detector).__name__, path, format, size, size)
+    cal = module.calibration
+    if cal is not None:
+        output = (f"calibrated P(fake), {cal.describe()} baked in (threshold {cal.threshold}, "
+                  f"rule {cal.rule}: in config.json, not in the graph)")
+    elif getattr(detector.config, "calibration", None):
+        output = "raw P(fake): the stored calibration left out (calibrated=False)"
+    else:
+        output = "raw P(fake), no calibration stored"
+    log.info("aigid: exported %s to %s (%s, input (N, 3, %d, %d) preprocessed pixels, output %s)",
+             type(detector).__name__, path, format, size, size, output)
     return path

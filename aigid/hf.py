@@ -9,10 +9,16 @@
 
 The model wraps the detector (no weights are converted: the folder is read by
 ``aigid.load_detector``) and returns two logits ordered as ``id2label`` ({0: real, 1: fake}) whose
-softmax is ``[1 - P(fake), P(fake)]``, the detector's ``predict``. The image processor is the
-detector's own preprocessing. Loading is local only: a hub id is refused, nothing is downloaded.
-The classes are registered with the ``Auto*`` factories under ``model_type`` ``aigid-mirage`` /
-``aigid-unigendet`` (the keys ``save_pretrained`` writes), in this process only.
+softmax is ``[1 - P(fake), P(fake)]``, the detector's ``predict``. When the detector's config
+stores a calibration (``aigid calibrate``), P(fake) is the calibrated one, as ``predict`` returns
+it, and the logits are ``[0, logit(P(fake))]`` (P(fake) clipped to [1e-7, 1 - 1e-7] first, as
+``aigid.calibration`` clips, so they stay finite); without one they are the detector's own
+logits. ``model.config.aigid_threshold`` is the stored threshold (fake when the "fake" score >
+it; 0.5 when none is stored): the pipeline reports scores, the decision is yours. The image
+processor is the detector's own preprocessing. Loading is local only: a hub id is refused,
+nothing is downloaded. The classes are registered with the ``Auto*`` factories under
+``model_type`` ``aigid-mirage`` / ``aigid-unigendet`` (the keys ``save_pretrained`` writes), in
+this process only.
 
 Differences from ``predict``: the pipeline decodes paths itself (``transformers.image_utils.
 load_image``: EXIF rotation, ``convert("RGB")``), so a file with transparency or a palette can
@@ -32,6 +38,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from aigid.calibration import _EPS, Calibration, stored_threshold
 from aigid.models.card import ID2LABEL, LABEL2ID
 
 __all__ = ["AigidConfig", "AigidForImageClassification", "AigidImageProcessor", "register"]
@@ -64,11 +71,29 @@ def two_class_logits(detector: Any, pixels: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown detector arch {arch!r}")
 
 
+def calibrated_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """``two_class_logits`` through the stored calibration: ``[0, logit(P_cal)]`` (float32),
+    whose softmax is ``[1 - P_cal, P_cal]``, P_cal ``predict``'s calibrated P(fake) (the softmax
+    of ``logits`` in their own dtype, as ``predict`` takes it, then ``Calibration.apply``'s map
+    in torch). ``logits`` unchanged when ``config`` stores no calibration."""
+    stored = getattr(config, "calibration", None)
+    if not stored:
+        return logits
+    p = Calibration.from_dict(stored).apply_torch(logits.softmax(-1)[:, 1])
+    p = p.to(torch.float32 if p.device.type == "mps" else torch.float64).clamp(_EPS, 1 - _EPS)
+    z = torch.log(p) - torch.log1p(-p)
+    return torch.stack([torch.zeros_like(z), z], dim=-1).to(torch.float32)
+
+
 # ---- config ---------------------------------------------------------------------------------
 class AigidConfig(PretrainedConfig):
     """The HF view of a detector's config.json: aigid's fields (``arch``, ``preprocess`` ...) ride
     along as attributes. No ``__init__`` of ours: transformers 5 makes configs dataclasses and
-    generates it; ``from_detector`` passes the label maps, and config.json carries them."""
+    generates it; ``from_detector`` passes the label maps, and config.json carries them.
+
+    ``aigid_threshold``: the threshold the detector stored with its calibration (``aigid
+    calibrate``; 0.5 when none), fake when the pipeline's "fake" score > it. It is read when the
+    wrapper is built; the logits follow the detector's config as it is at each call."""
 
     model_type = "aigid"
 
@@ -83,7 +108,8 @@ class UniGenDetHFConfig(AigidConfig):
 
 # ---- model ----------------------------------------------------------------------------------
 class AigidForImageClassification(PreTrainedModel):
-    """A detector as a ``PreTrainedModel``: ``forward(pixel_values)`` → logits [real, fake]."""
+    """A detector as a ``PreTrainedModel``: ``forward(pixel_values)`` → logits [real, fake],
+    calibrated when the detector stores a calibration (see the module's docstring)."""
 
     config_class = AigidConfig
     base_model_prefix = "detector"
@@ -105,6 +131,7 @@ class AigidForImageClassification(PreTrainedModel):
         config_cls, model_cls = _CLASSES[arch]
         config = config_cls(arch=arch, preprocess=dict(detector.config.preprocess),
                             id2label={int(k): v for k, v in ID2LABEL.items()}, label2id=dict(LABEL2ID),
+                            aigid_threshold=stored_threshold(detector.config),
                             problem_type="single_label_classification")  # softmax in the pipeline
         return model_cls(config, detector).eval()
 
@@ -125,6 +152,7 @@ class AigidForImageClassification(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> ImageClassifierOutput:
         logits = two_class_logits(self.detector, pixel_values.to(self.detector.device))
+        logits = calibrated_logits(self.detector.config, logits)  # predict's calibrated P(fake)
         loss = torch.nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 

@@ -167,3 +167,25 @@ def test_calibrate_command_stores_calibration_and_threshold(trained, tmp_path, c
     overall = json.loads(capsys.readouterr().out)["overall"]
     assert overall["stored_threshold"] == pytest.approx(report["threshold"], abs=1e-4)
     assert "ece" in overall and "brier" in overall
+
+
+def test_calibrate_in_place_refreshes_the_card_and_keeps_its_training_summary(trained, tmp_path,
+                                                                              capsys):
+    """Catches `aigid calibrate` (no --out) leaving a card that still says the scores are not
+    calibrated, a refresh that drops the training summary only the old card held, and a second
+    calibration stacking a second Calibration section."""
+    import shutil
+    root, det, _ = trained
+    mine = tmp_path / "det"
+    shutil.copytree(det, mine)
+    before = (mine / "README.md").read_text()
+    training = before.split("## Training data")[1].split("## ")[0]
+    assert "not recorded" not in training and "not calibrated" in before
+    for _ in range(2):
+        assert main(["calibrate", str(mine), str(root), "--split", "val", "--quiet"]) == 0
+        capsys.readouterr()
+    after = (mine / "README.md").read_text()
+    assert after.count("## Calibration") == 1 and "not calibrated" not in after
+    assert "Scores are calibrated on the data named under Calibration" in after
+    assert training in after
+    assert after.index("## Calibration") < after.index("## How to use")

@@ -4,7 +4,8 @@
 aigid's own fields, so hub tooling and ``transformers`` can tell what the folder holds; the
 loaders drop them again (:func:`drop_hf_fields`), so folders written before and after load
 alike. ``README.md`` is a model card: YAML front matter as the hub reads it, then what the
-detector is, what it was trained on, how it preprocesses and where it must not be trusted.
+detector is, what it was trained on, how it preprocesses, how its scores are calibrated (when
+``aigid calibrate`` stored a calibration in the config) and where it must not be trusted.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Optional, Union
 from aigid.models.checkpoint import apply_umask
 
 __all__ = ["ID2LABEL", "LABEL2ID", "CARD_FILE", "hf_fields", "drop_hf_fields", "write_model_card",
+           "refresh_card_calibration",
            "model_card"]
 
 CARD_FILE = "README.md"
@@ -119,6 +121,71 @@ def _metrics(summary: Optional[Mapping[str, Any]]) -> list[str]:
     return [f"On the validation data (threshold {threshold} on P(fake)):", ""] + rows
 
 
+_UNCALIBRATED = ("Scores are not calibrated probabilities unless calibrated on your data "
+                 "(`aigid calibrate`).")
+_CALIBRATED_LIMIT_START = "Scores are calibrated on the data named under Calibration"
+
+
+def _rule(rule: Optional[str]) -> str:
+    """``Calibration.rule`` in words."""
+    if rule and rule.startswith("fpr<="):
+        return (f"`{rule}`: the lowest threshold whose false-positive rate on the calibration "
+                f"set's real images is at most {rule[len('fpr<='):]}")
+    if rule == "balanced":
+        return "`balanced`: the threshold of the best balanced accuracy on the calibration set"
+    if rule == "p>0.5":
+        return "`p>0.5`: the default 0.5"
+    return f"`{rule}`" if rule else "not recorded"
+
+
+def _fitted_on(fitted: Mapping[str, Any]) -> str:
+    if not fitted:
+        return "not recorded"
+    parts = []
+    if "n_real" in fitted or "n_fake" in fitted:
+        parts.append(f"{fitted.get('n_real', '?')} real and {fitted.get('n_fake', '?')} fake images")
+    if fitted.get("data"):
+        parts.append(f"from `{fitted['data']}`")
+    if fitted.get("split"):
+        parts.append(f"(split `{fitted['split']}`)")
+    parts += [f"{k}: {v}" for k, v in fitted.items()
+              if k not in ("n_real", "n_fake", "data", "split") and v is not None]
+    return " ".join(parts) or "not recorded"
+
+
+def _calibration(cfg: Any) -> tuple[list[str], str]:
+    """The card's Calibration section (none without a stored calibration) and its Limits line."""
+    stored = getattr(cfg, "calibration", None)
+    if not stored:
+        return [], _UNCALIBRATED
+    from aigid.calibration import Calibration, stored_threshold
+
+    cal = Calibration.from_dict(stored)
+    if cal.method == "temperature":
+        method = (f"temperature scaling, T = {cal.T:.6g}: calibrated P(fake) = "
+                  "sigmoid(logit(raw P(fake)) / T) (raw P(fake) clipped to [1e-7, 1 - 1e-7])")
+    else:
+        method = (f"isotonic regression, {len(cal.x)} knots on raw P(fake) from {min(cal.x):.6g} "
+                  f"to {max(cal.x):.6g} (calibrated values {min(cal.y):.6g} to {max(cal.y):.6g}): "
+                  "linear between the knots, clipped to the end values outside them")
+    lines = ["## Calibration", "",
+             "Scores are calibrated: `detector.predict` returns calibrated P(fake) (fitted by "
+             "`aigid calibrate` and stored in `config.json` under `calibration`), and so do the "
+             "transformers pipeline (`aigid.hf`)"
+             + (" and graphs written by `aigid export-model`" if cfg.arch == "mirage" else "")
+             + "; `predict(..., calibrated=False)` gives the raw softmax.", "",
+             f"- method: {method}",
+             f"- threshold: {stored_threshold(cfg):.6g} (fake when P(fake) > threshold; "
+             f"`detector.threshold`, `config.aigid_threshold` in `aigid.hf`), rule {_rule(cal.rule)}",
+             f"- fitted on: {_fitted_on(cal.fitted_on)}"]
+    if cfg.arch == "unigendet":
+        lines.append("- applies to the detection head's scores (`verdict=\"head\"`); text verdicts "
+                     "(1 / 0) are never calibrated")
+    limit = (f"{_CALIBRATED_LIMIT_START}; on data unlike it they "
+             "can be miscalibrated again: recalibrate on your data (`aigid calibrate`).")
+    return lines + [""], limit
+
+
 def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
                license: Optional[str] = None) -> str:
     """The model card of ``model`` (a MiraGe or UniGenDet) as Markdown with YAML front matter."""
@@ -126,6 +193,7 @@ def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
     arch = cfg.arch
     title, arxiv = _PAPERS[arch]
     backbone, limits = _backbone(model)
+    calibration, calibration_limit = _calibration(cfg)
     data_name = ((summary or {}).get("config") or {}).get("data")
     datasets = [os.path.basename(os.path.normpath(data_name))] if data_name else []
     pp = cfg.preprocess or {}
@@ -153,6 +221,7 @@ def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
            "- `detector.predict` applies it to paths, PIL images and uint8 arrays; give float "
            "tensors only when already preprocessed.", "",
            "## Metrics", "", *_metrics(summary), "",
+           *calibration,
            "## How to use", "", "```python", "import aigid",
            "detector = aigid.load_detector(\"path/to/this/folder\")  # local only, no download",
            "p_fake = detector.predict([\"image.jpg\"])", "```", "",
@@ -166,8 +235,7 @@ def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
            "## Limits", "",
            "- Detectors generalise unevenly: accuracy drops on generators, post-processing "
            "(JPEG, resizing, screenshots) and content unlike the training data.",
-           "- Scores are not calibrated probabilities unless calibrated on your data "
-           "(`aigid calibrate`).",
+           f"- {calibration_limit}",
            *[f"- {x}" for x in limits], ""]
     return "\n".join(out)
 
@@ -178,8 +246,12 @@ def write_model_card(folder: Union[str, os.PathLike], model: Any,
 
     Written to a temporary file and renamed, so a crash leaves the old card or the new one, with
     the mode the umask gives (``mkstemp`` alone would leave it 0600)."""
-    path = os.path.join(os.fspath(folder), CARD_FILE)
     text = model_card(model, summary, license)
+    return _write_card(folder, text)
+
+
+def _write_card(folder: Union[str, os.PathLike], text: str) -> str:
+    path = os.path.join(os.fspath(folder), CARD_FILE)
     fd, tmp = tempfile.mkstemp(prefix=".README-", suffix=".tmp", dir=os.fspath(folder))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -191,3 +263,27 @@ def write_model_card(folder: Union[str, os.PathLike], model: Any,
             os.remove(tmp)
     return path
 
+
+def refresh_card_calibration(folder: Union[str, os.PathLike], model: Any) -> str:
+    """Bring the card in ``folder`` up to date with ``model.config.calibration`` without losing
+    what only the card knows (the training summary ``save_pretrained`` was given): the
+    Calibration section is replaced (or inserted before "How to use") and the Limits line about
+    calibration rewritten; the rest of the text is kept. No card yet: a fresh one is written.
+    ``aigid calibrate`` without ``--out`` changes only ``config.json``, so it calls this."""
+    path = os.path.join(os.fspath(folder), CARD_FILE)
+    if not os.path.isfile(path):
+        return write_model_card(folder, model)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    section, limit = _calibration(model.config)
+    if "## Calibration" in lines:  # drop the old section, up to the next heading
+        start = lines.index("## Calibration")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        del lines[start:end]
+    if section:
+        at = lines.index("## How to use") if "## How to use" in lines else len(lines)
+        lines[at:at] = section
+    lines = [f"- {limit}" if ln == f"- {_UNCALIBRATED}" or
+             ln.startswith(f"- {_CALIBRATED_LIMIT_START}") else ln for ln in lines]
+    return _write_card(folder, "\n".join(lines))
