@@ -13,7 +13,8 @@ sm_80 / A100):
    shapes (``SHAPES``), with ``torch.cuda.get_device_properties`` answering for the target.
 2. **Compile** each distinct launch ahead of time the way ``JITFunction.run`` does (its binder,
    ``_pack_args``, ``ASTSource``, ``triton.compile``), so the specialisation (16-byte alignment,
-   divisibility of integer arguments) is the one a real launch gets.
+   divisibility of integer arguments) is the one a real launch gets. Host-side TMA descriptors
+   (SMSA on sm_90a) are recorded with the block shape their config's ``pre_hook`` sets.
 3. **Read the artefacts**: registers / spill (local) bytes from ``cuobjdump -res-usage`` on the
    cubin, shared memory from the metadata, MMA instruction shapes and TMA from the PTX, SASS
    opcode counts (HGMMA/HMMA/LDL/STL), then occupancy (CTAs per SM from registers, shared memory
@@ -133,8 +134,27 @@ class Launch:
     shape: Any = None
 
 
+def _is_descriptor(a) -> bool:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return isinstance(a, TensorDescriptor)
+
+
+def _cpu_descriptor(desc):
+    """A host-side TMA descriptor over an empty CPU tensor of the same dtype, with the shape,
+    strides and *current* block shape of ``desc`` (a config's ``pre_hook`` sets the block shape
+    just before its launch, and the next config's overwrites it: this is the snapshot). The
+    binder specialises a descriptor on its dtype and block shape only."""
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(torch.empty(0, dtype=desc.base.dtype), [int(n) for n in desc.shape],
+                            [int(s) for s in desc.strides], list(desc.block_shape), desc.padding,
+                            desc.round_f32_to_tf32)
+
+
 class _Recorder:
-    """Stands in for a JIT kernel: ``kernel[grid](*args, **kw)`` records instead of running."""
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kw)`` records instead of running.
+    Tensor arguments become empty CPU tensors, TMA descriptors (positional or keyword) CPU
+    descriptors (``_cpu_descriptor``)."""
 
     def __init__(self, module, name: str, sink: list[Launch], origin: Callable[[], str]):
         self.module, self.name, self.sink, self.origin = module, name, sink, origin
@@ -145,17 +165,20 @@ class _Recorder:
             # outside fake mode these are real, 0-element, 16-byte-aligned tensors: what the
             # binder needs to specialise like a real (allocator-aligned) launch
             with _no_fake():
-                args2 = tuple(torch.empty(0, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
-                              for a in args)
+                args2 = tuple(torch.empty(0, dtype=a.dtype) if isinstance(a, torch.Tensor) else
+                              _cpu_descriptor(a) if _is_descriptor(a) else a for a in args)
+                kwargs2 = {k: _cpu_descriptor(v) if _is_descriptor(v) else v
+                           for k, v in kwargs.items()}
             g = tuple(int(x) for x in (grid(kwargs) if callable(grid) else grid))
             g = (g + (1, 1))[:3]
-            self.sink.append(Launch(self.module, self.name, g, args2, dict(kwargs), self.origin()))
+            self.sink.append(Launch(self.module, self.name, g, args2, kwargs2, self.origin()))
         return launch
 
 
 class _TunerRecorder(_Recorder):
     """Stands in for a ``triton.autotune`` kernel: records one launch per config that its
-    early pruning keeps for these arguments (the set the autotuner would time)."""
+    early pruning keeps for these arguments (the set the autotuner would time), after running
+    the config's ``pre_hook`` as the autotuner does (it sets TMA descriptors' block shapes)."""
 
     def __init__(self, module, name: str, sink: list[Launch], origin, tuner):
         super().__init__(module, name, sink, origin)
@@ -170,6 +193,8 @@ class _TunerRecorder(_Recorder):
                 configs = prune(configs, named, **kwargs)
             for cfg in configs:
                 meta = {**named, **kwargs, **cfg.all_kwargs()}
+                if cfg.pre_hook is not None:
+                    cfg.pre_hook(meta)
                 g = grid(meta) if callable(grid) else grid
                 _Recorder.__getitem__(self, g)(*args, **kwargs, **cfg.all_kwargs())
         return launch
@@ -364,10 +389,15 @@ def compile_launch(launch: Launch, capability: int):
 
 def _compile_key(launch: Launch) -> str:
     import torch
-    args = [str(a.dtype) if isinstance(a, torch.Tensor) else
+
+    def desc_key(a):  # what the binder specialises a descriptor on
+        return f"tensordesc<{a.base.dtype}{list(a.block_shape)}>"
+
+    args = [str(a.dtype) if isinstance(a, torch.Tensor) else desc_key(a) if _is_descriptor(a) else
             (f"i{a % 16 == 0}{a == 1}" if isinstance(a, int) and not isinstance(a, bool) else repr(a))
             for a in launch.args]
-    return f"{launch.kernel}|{args}|{sorted(launch.kwargs.items())}"
+    kwargs = sorted((k, desc_key(v) if _is_descriptor(v) else v) for k, v in launch.kwargs.items())
+    return f"{launch.kernel}|{args}|{kwargs}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,3 +140,30 @@ def test_check_flags_planted_bugs(reports):
     assert any("no wgmma" in p for p in small["problems"])
     assert spill["spill_bytes"] > 0
     assert any("spills" in p for p in spill["problems"])
+
+
+def test_smsa_tma_variant_compiles_on_sm90a_and_sm80_stays_on_pointers(reports):
+    """Catches a TMA variant that never reaches the sm_90a compile (descriptors dropped by the
+    recorder, TMA configs pruned away, a pre_hook not run so every tile gets the placeholder
+    block shape), one that compiles without bulk tensor copies (descriptor loads lowered to
+    plain loads), spills or loses wgmma, and TMA leaking into sm_80 launches."""
+    smsa = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+    tma = [k for k in reports["sm90a"]["kernels"]
+           if k["kernel"] in smsa and k["constexprs"].get("USE_TMA")]
+    assert {k["kernel"] for k in tma} == set(smsa)
+    for k in tma:
+        assert k["tma"] and k["sass"].get("UTMALDG", 0) > 0, k["kernel"]
+        assert k["spill_bytes"] == 0 and k["sass"].get("STL", 0) == 0, k["kernel"]
+        assert any(s.startswith("wgmma") for s in k["mma"]), k["kernel"]
+        assert k["sass"].get("HGMMA", 0) > 0, k["kernel"]
+    # every pointer tile the autotuner times on sm_90a has its TMA twin
+    tiles = lambda ks: {(k["kernel"], k["constexprs"]["BLOCK_M"], k["constexprs"]["BLOCK_N"],
+                         k["constexprs"].get("SPLITS"), k["num_warps"], k["num_stages"])
+                        for k in ks}
+    pointer = [k for k in reports["sm90a"]["kernels"]
+               if k["kernel"] in smsa and not k["constexprs"].get("USE_TMA")]
+    assert tiles(pointer) == tiles(tma)
+    for k in reports["sm80"]["kernels"]:
+        if k["kernel"] in smsa:
+            assert not k["tma"] and not k["constexprs"].get("USE_TMA"), k["kernel"]
+            assert not k["constexprs"].get("TMA_OK"), k["kernel"]
