@@ -419,8 +419,26 @@ def _check_scan(args) -> None:
     _detector_arg(args.detector)
 
 
+def _report_scan(args, summary: dict) -> int:
+    """The scan's notices (nothing found; provenance counts) and its JSON summary, for the
+    local and the Ray scan alike."""
+    if not any(summary.get(k) for k in ("scored", "errors", "skipped")):
+        others = sum((summary.get("skipped_not_image") or {}).values())
+        more = (f"; {others} files skipped as not images by their extension (see skipped_not_image; "
+                "--sniff reads their content)") if others and not args.sniff else ""
+        log.warning("no images found under %s (looked for image files, .tar/.zip shards and "
+                    ".txt/.lst lists)%s", ", ".join(args.paths), more)
+    if summary.get("declared_ai") or summary.get("declared_camera"):
+        log.info("provenance: %d images declare AI generation (the detector labelled %d of them real); "
+                 "%d carry a camera capture claim", summary.get("declared_ai", 0),
+                 summary.get("declared_ai_missed", 0), summary.get("declared_camera", 0))
+    _print_json(summary)
+    return 0  # unreadable images are results (stored with their reason), not a failure
+
+
 def _cmd_scan_ray(args) -> int:
-    """``--ray``: the driver fingerprints the folder and writes results; it never builds the model."""
+    """``--ray``: the driver fingerprints the folder and writes results; it never builds the model.
+    The summary and its notices are those of the local scan (``--sniff`` included)."""
     from aigid.scan_ray import scan_ray
 
     lo, _, hi = (args.actors or "1").partition(":")
@@ -429,9 +447,9 @@ def _cmd_scan_ray(args) -> int:
                        max_actors=int(hi) if hi else (int(lo) if args.actors else None),
                        resume=not args.no_resume, retry_errors=args.retry_errors,
                        threshold=args.threshold, export=args.export, progress=not args.quiet,
-                       evidence=not args.no_evidence, address=None if args.ray == "local" else args.ray)
-    _print_json(summary)
-    return 0
+                       evidence=not args.no_evidence, sniff=args.sniff,
+                       address=None if args.ray == "local" else args.ray)
+    return _report_scan(args, summary)
 
 
 def _cmd_scan(args) -> int:
@@ -449,18 +467,7 @@ def _cmd_scan(args) -> int:
                                 sniff=args.sniff, evidence=not args.no_evidence)
     except sqlite3.DatabaseError as err:
         raise CommandFailed(f"{args.out}: not a usable results file ({err})") from None
-    if not any(summary.get(k) for k in ("scored", "errors", "skipped")):
-        others = sum((summary.get("skipped_not_image") or {}).values())
-        more = (f"; {others} files skipped as not images by their extension (see skipped_not_image; "
-                "--sniff reads their content)") if others else ""
-        log.warning("no images found under %s (looked for image files, .tar/.zip shards and "
-                    ".txt/.lst lists)%s", ", ".join(args.paths), more)
-    if summary.get("declared_ai") or summary.get("declared_camera"):
-        log.info("provenance: %d images declare AI generation (the detector labelled %d of them real); "
-                 "%d carry a camera capture claim", summary.get("declared_ai", 0),
-                 summary.get("declared_ai_missed", 0), summary.get("declared_camera", 0))
-    _print_json(summary)
-    return 0  # unreadable images are results (stored with their reason), not a failure
+    return _report_scan(args, summary)
 
 
 def _check_export(args) -> None:

@@ -30,15 +30,27 @@ never fetched. The detector is identified from its folder's files (``aigid.finge
 same id as ``aigid.scan.model_id``, no model built on the driver); a folder that does not hold
 its whole state dict is fingerprinted by one Ray task that loads it on a worker.
 
+Summary: the keys of ``aigid.scan``'s with the same meaning. ``skipped`` (done ids left out) and
+``skipped_not_image`` (files and members left out as not images, by extension; with ``sniff``
+judged by content in ``decode``) are reported by the stages to a tally actor. ``declared_ai``,
+``declared_ai_missed``, ``declared_camera`` (with ``evidence``; absent without, as in
+``aigid.scan``) count the images scored in this run by their stored evidence, with
+``aigid.scan._count_declared``: the driver counts each block it stores (SQLite) or, for a Parquet
+folder, this run's rows read back from the files. On a resumed run, as with ``aigid.scan``, items
+already done are neither scored nor counted (``declared_*`` are this run's, not the store's),
+while ``skipped_not_image`` counts again every non-image met (nothing is stored for them).
+
 Paths (and the detector folder) must be visible at the same place on every node.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
 import uuid
+from collections import Counter
 from typing import Any, Optional, Sequence, Union
 
 from aigid.store import ResultRow, ResultStore, check_threshold, decode_id, display_id, label_of
@@ -129,17 +141,52 @@ def _parquet_done(out: str, model: str, include_errors: bool):
 
 
 def _tally(ray):
-    class Tally:  # done ids left out by walk/expand, counted for the summary
+    class Tally:  # done ids and non-images left out by walk/expand/decode, for the summary
         def __init__(self):
-            self.n = 0
+            self.n, self.not_images = 0, Counter()
 
-        def add(self, k: int) -> None:
+        def add(self, k: int, not_images: Optional[dict[str, int]] = None) -> None:
             self.n += k
+            self.not_images.update(not_images or {})
 
-        def total(self) -> int:
-            return self.n
+        def total(self) -> tuple[int, dict[str, int]]:
+            return self.n, dict(sorted(self.not_images.items()))
 
     return ray.remote(num_cpus=0)(Tally).remote()
+
+
+def _declared() -> dict[str, int]:
+    return {"declared_ai": 0, "declared_ai_missed": 0, "declared_camera": 0}
+
+
+def _count_declared(recs: list[dict], threshold: Optional[float], declared: dict[str, int]) -> None:
+    """``aigid.scan._count_declared`` over rows (``score``, ``evidence``, and ``label`` or the
+    ``threshold`` to derive it), so both scanners count by one rule."""
+    from aigid.scan import ScanResult, _count_declared as count
+
+    def label(r: dict) -> Optional[int]:
+        if threshold is None:
+            return r["label"]
+        return None if r["score"] is None else label_of(r["score"], threshold)
+
+    count([ScanResult("", None, None, r["score"], label(r), None, r["evidence"])
+           for r in recs if r["score"] is not None and r["evidence"]], declared)
+
+
+def _maybe_declared():
+    """An expression true for evidence JSON that may declare AI or a capture: it holds the
+    compact ``"provenance":"declared-..."`` of ``evidence_json`` (no spaces), so only those rows
+    are parsed on the driver (``_count_declared`` decides exactly)."""
+    import pyarrow.compute as pc
+
+    from aigid.provenance import DECLARED_AI, DECLARED_CAMERA
+
+    cond = None
+    for kind in (DECLARED_AI, DECLARED_CAMERA):
+        text = json.dumps({"provenance": kind}, separators=(",", ":"))[1:-1]
+        found = pc.match_substring(pc.field("evidence"), text)
+        cond = found if cond is None else cond | found
+    return cond
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -150,9 +197,12 @@ def build_dataset(paths: Sequence[PathArg], detector: str, *, preprocess: dict[s
                   decode_cpus: float = 1.0, min_actors: int = 1, max_actors: Optional[int] = None,
                   gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                   batches_per_actor: int = 2, actor_start_timeout_s: int = 600,
-                  evidence: bool = True, progress: bool = True, done: Any = None, tally: Any = None,
-                  scorer: Optional[type] = None):
+                  evidence: bool = True, sniff: bool = False, progress: bool = True,
+                  done: Any = None, tally: Any = None, scorer: Optional[type] = None):
     """The Ray Dataset of scored rows (``scan_ray_stages.SCORED``), not yet executed.
+
+    ``sniff``: files are judged by content, not name (see ``scan_ray_stages``); ``tally``: the
+    actor the stages report skipped ids and non-images to (``_tally``; None: not counted).
 
     ``batches_per_actor``: batches queued on each actor (one scoring, one arriving: more lets
     the first actor up hoard the start of the stream). The pool waits for ``min_actors`` to be
@@ -164,7 +214,7 @@ def build_dataset(paths: Sequence[PathArg], detector: str, *, preprocess: dict[s
     from aigid.scan_ray_stages import DoneSet, Scorer, decode, expand, id_bytes, walk
 
     done = done if done is not None else DoneSet()
-    listing = {"items_per_task": items_per_task, "done": done, "tally": tally}
+    listing = {"items_per_task": items_per_task, "done": done, "tally": tally, "sniff": sniff}
     rows = [{"path": id_bytes(os.fsdecode(os.fspath(p)))} for p in paths]
     # A dataset keeps the DataContext current when it was created: set ours for it alone.
     ctx = ray.data.DataContext.get_current()
@@ -184,7 +234,7 @@ def build_dataset(paths: Sequence[PathArg], detector: str, *, preprocess: dict[s
     ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(decode, batch_size=1, batch_format="pyarrow", num_cpus=decode_cpus,
                         fn_kwargs={"preprocess": preprocess, "batch_size": batch_size,
-                                   "evidence": evidence})
+                                   "evidence": evidence, "sniff": sniff, "tally": tally})
     # Full model batches: strict, so the rows of small slices (a short archive, a slice's tail)
     # are merged across decode tasks instead of reaching the model as partial batches.
     ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
@@ -220,7 +270,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
              decode_cpus: float = 1.0, min_actors: int = 1, max_actors: Optional[int] = None,
              gpus_per_actor: Optional[float] = None, cpus_per_actor: Optional[float] = None,
              resume: bool = True, retry_errors: bool = False, threshold: Optional[float] = None,
-             evidence: bool = True,
+             evidence: bool = True, sniff: bool = False,
              batches_per_actor: int = 2, actor_start_timeout_s: int = 600,
              export: Optional[PathArg] = None, rows_per_file: int = 65536, progress: bool = True,
              address: Optional[str] = None, ray_init: Optional[dict[str, Any]] = None,
@@ -239,7 +289,9 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
     ``batches_per_actor``, ``actor_start_timeout_s``: see ``build_dataset``.
     ``threshold``: labels are ``score > threshold`` (default: the threshold stored in the
     detector's config by ``aigid calibrate``, else 0.5). ``evidence``: read each file's
-    provenance evidence into the ``evidence`` column, as ``aigid.scan`` does.
+    provenance evidence into the ``evidence`` column, as ``aigid.scan`` does (and count
+    ``declared_*``). ``sniff``: identify images by their first bytes whatever their name, as
+    ``aigid.scan``'s ``sniff``.
     ``address``: the cluster (``"auto"``, ``"ray://head:10001"``); a local Ray is started when
     none is running (``ray.init(address, **ray_init)``).
     The summary adds to ``aigid.scan``'s: ``actors`` (items and busy seconds per scoring actor),
@@ -275,7 +327,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
             "min_actors": min_actors, "max_actors": max_actors, "gpus_per_actor": gpus,
             "cpus_per_actor": cpus, "batches_per_actor": batches_per_actor,
             "actor_start_timeout_s": actor_start_timeout_s, "progress": progress,
-            "evidence": evidence,
+            "evidence": evidence, "sniff": sniff,
             "layout": layout, "preprocess": preprocess}
     if folder_out:
         return _to_parquet(ray, paths, detector_dir, os.fspath(out), model, pool, resume,
@@ -285,6 +337,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
 
     started = time.perf_counter()
     counts = {"scored": 0, "errors": 0}
+    declared = _declared() if evidence else None
     per_actor: dict[str, dict[str, float]] = {}
     finished, ds, tally = False, None, _tally(ray)
     with ResultStore(out) as store:
@@ -302,9 +355,12 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
                                       error=r["error"], time=now, run=run,
                                       evidence=r["evidence"]) for r in recs)
                 _account(recs, counts, per_actor)
+                if declared is not None:
+                    _count_declared(recs, threshold, declared)
             finished = True
         finally:
-            summary = _summary(ray, counts, tally, started, model, per_actor, ds, finished, pool)
+            summary = _summary(ray, counts, declared, tally, started, model, per_actor, ds,
+                               finished, pool)
             summary["out"] = os.fspath(out)
             store.finish_run(run, summary)
         if export is not None:
@@ -321,13 +377,16 @@ def _account(recs: list[dict], counts: dict[str, int], per_actor: dict[str, dict
         a["busy_s"] += r["busy_s"]
 
 
-def _summary(ray, counts, tally, started, model, per_actor, ds, finished, pool) -> dict[str, Any]:
+def _summary(ray, counts, declared, tally, started, model, per_actor, ds, finished, pool
+             ) -> dict[str, Any]:
+    """``aigid.scan``'s summary keys (``declared_*`` only with evidence), then the pool's."""
     seconds = time.perf_counter() - started
     try:
-        skipped = ray.get(tally.total.remote())
+        skipped, not_images = ray.get(tally.total.remote())
     finally:
         ray.kill(tally)
-    return {**counts, "skipped": skipped, "seconds": round(seconds, 3),
+    return {**counts, **(declared or {}), "skipped": skipped, "skipped_not_image": not_images,
+            "seconds": round(seconds, 3),
             "images_per_s": round((counts["scored"] + counts["errors"]) / max(seconds, 1e-9), 1),
             "model": model, "decoder": DECODER, "complete": finished,
             "actors": {a: {"items": int(v["items"]), "busy_s": round(v["busy_s"], 3)}
@@ -347,6 +406,7 @@ def _to_parquet(ray, paths, detector_dir, out, model, pool, resume, retry_errors
     run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     tally, ds, finished = _tally(ray), None, False
     counts = {"scored": 0, "errors": 0}
+    declared = _declared() if pool["evidence"] else None
     try:
         keys = _parquet_done(out, model, not retry_errors) if resume else None
         done = DoneSet(ray.put(keys) if keys is not None and len(keys) else None)
@@ -356,10 +416,13 @@ def _to_parquet(ray, paths, detector_dir, out, model, pool, resume, retry_errors
         ds.write_parquet(out, min_rows_per_file=rows_per_file)
         finished = True
     finally:
-        for t in _parquet_tables(out, ["error"], pc.field("run") == run):
+        columns = ["error"] + (["score", "label", "evidence"] if declared is not None else [])
+        for t in _parquet_tables(out, columns, pc.field("run") == run):
             errors = t.column("error").null_count
             counts["errors"] += t.num_rows - errors
             counts["scored"] += errors
-        summary = _summary(ray, counts, tally, started, model, {}, ds, finished, pool)
+            if declared is not None:  # labels as written, with this run's threshold
+                _count_declared(t.filter(_maybe_declared()).to_pylist(), None, declared)
+        summary = _summary(ray, counts, declared, tally, started, model, {}, ds, finished, pool)
     summary.update(out=out, run=run)
     return summary

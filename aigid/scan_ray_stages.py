@@ -13,11 +13,21 @@ bytes of one preprocessed image with its ``shape``.
 - ``decode`` (a task per slice, ``num_cpus`` each): read (``read_items``: one pass per archive
   slice), hash, decode and preprocess; emits images in chunks of the model batch size.
 - ``Scorer`` (the actor pool): one detector per actor, on the actor's GPU if Ray gave it one.
+
+Files left out as not images are counted by extension (``sources.skip_key``) as the local
+scanner's discovery (``aigid.data.decode_cpu.ScanDataset``) counts them, and reported to the
+driver's tally actor with the done ids left out: without ``sniff``, by the extension filter of
+``iter_units`` (walk) and ``stream_archive`` (expand), through their ``on_skip``; with ``sniff``
+both list every file and member (``extensions=None``) and ``decode`` judges each one whose name
+is no image extension by its first bytes (``sources.image_format``): a plain file's head is read
+before the file (a big video is never read whole), a member's from the bytes read.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from collections import Counter
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -100,26 +110,59 @@ def _slice(kind: str, source: Optional[bytes], ids=(), members=None, sizes=(), r
             "sizes": list(sizes), "reasons": reasons}
 
 
-class _Tallied:
-    """Counts the done ids left out and reports them to the driver's tally actor per output."""
+def _extensions(sniff: bool):
+    """The extension filter of the enumeration, as ``ScanDataset``: none with ``sniff`` (every
+    file and member is a candidate, the content decides), else the image extensions."""
+    from aigid.data.sources import IMAGE_EXTENSIONS
 
-    def __init__(self, done: DoneSet, tally: Any):
+    return None if sniff else IMAGE_EXTENSIONS
+
+
+class _Tallied:
+    """Counts the done ids left out and the files left out as not images (by extension), and
+    reports them to the driver's tally actor (``flush``: before each output, and at the end)."""
+
+    def __init__(self, done: Optional[DoneSet], tally: Any):
         self.done, self.tally, self.count = done, tally, 0
+        self.not_images: Counter = Counter()
 
     def __call__(self, raw: bytes) -> bool:
-        hit = raw in self.done
+        hit = self.done is not None and raw in self.done
         self.count += hit
         return hit
 
+    def not_image(self, name: str) -> None:
+        """``on_skip`` of ``iter_units``/``stream_archive``: one more file left out by its name."""
+        from aigid.data.sources import skip_key
+
+        self.not_images[skip_key(name)] += 1
+
+    def sniffed_out(self, name: str, head: Optional[bytes]) -> bool:
+        """With ``sniff``: whether a file or member whose name is no image extension holds no
+        image either (then it is counted and left out); the rule of ``ScanDataset._not_image``.
+        ``head``: its first bytes (None: unreadable, left to the reader to report)."""
+        from aigid.data.sources import IMAGE_EXTENSIONS, SNIFF_BYTES, image_format
+
+        if head is None or os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            return False
+        if image_format(head[:SNIFF_BYTES]) is not None:
+            return False
+        self.not_image(name)
+        return True
+
     def flush(self) -> None:
-        if self.count and self.tally is not None:
+        if (self.count or self.not_images) and self.tally is not None:
             import ray
-            ray.get(self.tally.add.remote(self.count))  # waited for: counted before the task ends
+            # Waited for: counted before the task ends, so the driver's summary has it all.
+            ray.get(self.tally.add.remote(self.count, dict(self.not_images)))
         self.count = 0
+        self.not_images.clear()
 
 
-def walk(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> Iterator[pa.Table]:
-    """Stage 1: the paths (one row each) -> slices of plain files, archives, errors."""
+def walk(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any,
+         sniff: bool = False) -> Iterator[pa.Table]:
+    """Stage 1: the paths (one row each) -> slices of plain files, archives, errors. Files left
+    out by the extension filter (none with ``sniff``) are counted as not images."""
     from aigid.data.sources import Archive, ItemError, iter_units
 
     skip = _Tallied(done, tally)
@@ -133,7 +176,7 @@ def walk(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> 
             out.append(_slice("files", None, [f[0] for f in files], None, [f[1] for f in files]))
             files.clear()
 
-    for unit in iter_units(paths):
+    for unit in iter_units(paths, extensions=_extensions(sniff), on_skip=skip.not_image):
         raw = id_bytes(unit.id)
         if isinstance(unit, Archive):
             out.append(_slice("archive", raw, sizes=[unit.size]))
@@ -166,8 +209,10 @@ def _error_slice(errors: list[tuple[bytes, str]]) -> dict:
                   reasons=[e[1] for e in errors])
 
 
-def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -> Iterator[pa.Table]:
-    """Stage 2: each archive -> slices of its members (and its errors); other slices pass."""
+def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any,
+           sniff: bool = False) -> Iterator[pa.Table]:
+    """Stage 2: each archive -> slices of its members (and its errors); other slices pass.
+    Members left out by the extension filter (none with ``sniff``) are counted as not images."""
     from aigid.data.sources import ItemError, stream_archive
 
     skip = _Tallied(done, tally)
@@ -181,7 +226,9 @@ def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -
         members: list[tuple[bytes, bytes, Optional[int]]] = []
         errors: list[tuple[bytes, str]] = []
         out: list[dict] = []
-        for got, _, reason in stream_archive(archive):  # fetch=None: headers only
+        # fetch=None: headers only
+        for got, _, reason in stream_archive(archive, extensions=_extensions(sniff),
+                                             on_skip=skip.not_image):
             raw = id_bytes(got.id)
             if skip(raw):
                 continue
@@ -196,7 +243,7 @@ def expand(batch: pa.Table, *, items_per_task: int, done: DoneSet, tally: Any) -
             out.append(_member_slice(source, members))
         if errors:
             out.append(_error_slice(errors))
-        skip.flush()
+        skip.flush()  # also for an archive that held only non-images
         if out:
             yield _slices(out)
 
@@ -219,15 +266,18 @@ def _split(preprocess: dict[str, Any]):
 
 
 def decode(batch: pa.Table, *, preprocess: dict[str, Any], batch_size: int,
-           evidence: bool = True) -> Iterator[pa.Table]:
+           evidence: bool = True, sniff: bool = False, tally: Any = None) -> Iterator[pa.Table]:
     """Stage 3: each slice -> rows of (id, hash, size, error, evidence, pixels, shape), read,
     hashed and preprocessed here (CPU); emitted in chunks of ``batch_size`` images. ``evidence``:
-    the file's provenance evidence (``aigid.provenance.evidence_json``), as ``aigid.scan``."""
-    from aigid.data.decode_cpu import decode_image
+    the file's provenance evidence (``aigid.provenance.evidence_json``), as ``aigid.scan``.
+    ``sniff``: a file or member whose name is no image extension is scored when its first bytes
+    are an image signature, else left out and counted (``tally``) as not an image."""
+    from aigid.data.decode_cpu import _head, decode_image
     from aigid.data.images import ImageError
     from aigid.data.sources import Item, content_hash, read_items
     from aigid.provenance import evidence_json
 
+    judge = _Tallied(None, tally)
     transform, normalise = _split(preprocess)
     dtype = torch.uint8 if normalise is not None else torch.float32
     rows: list[dict] = []
@@ -243,8 +293,12 @@ def decode(batch: pa.Table, *, preprocess: dict[str, Any], batch_size: int,
             ident = raw.decode("utf-8", "surrogateescape")
             items.append(Item(ident, source or ident,
                               member.decode("utf-8", "surrogateescape") if member else None, size))
+        if sniff and source is None:  # plain files: judged by their head before being read
+            items = [it for it in items if not judge.sniffed_out(it.id, _head(it.source))]
         for item, data, reason in read_items(items):
             raw = id_bytes(item.id)
+            if sniff and item.member is not None and judge.sniffed_out(item.member, data):
+                continue
             if data is None:
                 rows.append({"id": raw, "size": item.size, "error": reason or "unreadable"})
             else:
@@ -257,8 +311,10 @@ def decode(batch: pa.Table, *, preprocess: dict[str, Any], batch_size: int,
                     row["error"] = str(err)
                 rows.append(row)
             if len(rows) >= batch_size:
+                judge.flush()
                 yield pa.Table.from_pylist(rows, schema=DECODED)
                 rows = []
+    judge.flush()  # also for a slice that held only non-images
     if rows:
         yield pa.Table.from_pylist(rows, schema=DECODED)
 

@@ -1,5 +1,6 @@
 """``scan_ray`` on a local Ray (3 CPUs): stages, spread over actors, equality with ``aigid.scan``,
-resume after a kill, the Parquet folder, and the detector fingerprint from files."""
+resume after a kill, the Parquet folder, the detector fingerprint from files, and the summary's
+``skipped_not_image`` / ``declared_*`` counts and ``sniff`` matching the local scanner's."""
 import io
 import json
 import sys
@@ -13,6 +14,7 @@ from PIL import Image
 
 import aigid
 from adversarial_corpus import build_corpus
+from test_provenance import DST, _jpeg, _text_png, _xmp
 from aigid.fingerprint import detector_layout, identity_of_folder, model_id_of_folder
 from aigid.models.mirage import MiraGe, MiraGeConfig
 from aigid.scan import model_id, scan_to_store
@@ -63,6 +65,42 @@ def _same_rows(got: dict, ref: dict) -> None:
 def _rows(db) -> dict:
     with ResultStore(db) as store:
         return {r.id: r for r in store.rows()}
+
+
+AI_XMP = _xmp(DST + "trainedAlgorithmicMedia")
+CAMERA_XMP = _xmp(DST + "digitalCapture")
+
+
+def _tar(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _declared_corpus(root) -> None:
+    """Images declaring AI (an A1111 ``parameters`` PNG, an IPTC XMP JPEG) or a capture, plain
+    ones, a cut-short PNG (an error: never counted), a declared-AI JPEG named ``.dat``, a text
+    file; and a tar holding the same kinds as members (a plain JPEG named ``.dat``, JSON)."""
+    root.mkdir(parents=True)
+    (root / "a1111.png").write_bytes(_text_png(("parameters", "cat\nSteps: 20, Sampler: Euler")))
+    (root / "xmp_ai.jpg").write_bytes(_jpeg(1, xmp=AI_XMP))
+    (root / "camera.jpg").write_bytes(_jpeg(2, xmp=CAMERA_XMP))
+    (root / "plain.png").write_bytes(_png(3))
+    (root / "broken.png").write_bytes(_text_png(("parameters", "Steps: 1"))[:60])
+    (root / "photo.dat").write_bytes(_jpeg(5, xmp=AI_XMP))
+    (root / "notes.txt").write_text("a caption, not a list: met while walking\n")
+    _tar(root / "shard.tar", {"ai.jpg": _jpeg(6, xmp=AI_XMP), "cam.jpg": _jpeg(7, xmp=CAMERA_XMP),
+                              "blob.dat": _jpeg(8), "meta.json": b'{"caption": "x"}'})
+
+
+COUNTED = ("scored", "errors", "skipped", "skipped_not_image", "declared_ai",
+           "declared_ai_missed", "declared_camera")
+
+
+def _counted(summary: dict) -> dict:
+    return {k: summary[k] for k in COUNTED if k in summary}
 
 
 # --------------------------------------------------------------------------- without Ray
@@ -250,7 +288,8 @@ def test_killed_scan_resumes_with_what_was_stored(local_ray, det_dir, tmp_path, 
 
 def test_parquet_folder_written_by_the_cluster_and_resumed(local_ray, det_dir, tmp_path):
     """Catches Parquet output that loses or duplicates rows, and a rerun into the same folder
-    that scores again what its files already hold."""
+    that scores again what its files already hold; the rerun, without evidence, reports no
+    ``declared_*`` keys (as ``aigid.scan``): catches a Parquet path that always counts."""
     import pyarrow.parquet as pq
 
     from aigid.scan_ray import scan_ray
@@ -273,20 +312,89 @@ def test_parquet_folder_written_by_the_cluster_and_resumed(local_ray, det_dir, t
         if r["score"] is not None:
             assert r["score"] == pytest.approx(ref[r["id"]].score, abs=1e-5)
             assert r["label"] == ref[r["id"]].label
-    again = scan_ray([tmp_path / "data"], str(det_dir), out=out, _scorer=StandIn, **kw)
+    assert (first["declared_ai"], first["declared_camera"]) == (0, 0)
+    again = scan_ray([tmp_path / "data"], str(det_dir), out=out, _scorer=StandIn, evidence=False, **kw)
     assert (again["skipped"], again["scored"], again["errors"]) == (total + 1, 0, 0)
+    assert not any(k.startswith("declared") for k in again)
     assert pq.read_table(out).num_rows == total + 1
 
 
 def test_cli_scan_ray_writes_the_same_store(local_ray, det_dir, tmp_path, capsys):
     """Catches `aigid scan --ray` not reaching scan_ray (a local scan instead: no actors in the
-    summary) or losing rows on the way to the driver's store."""
+    summary), losing rows on the way to the driver's store, `--sniff` dropped on the way to
+    scan_ray (the PNG named .dat would be skipped as not an image, as it was before), and, with
+    `--no-evidence`, ``declared_*`` reported as zeros for what was never read (``aigid.scan``
+    leaves them out)."""
     from aigid.cli import main
 
     total = _shards(tmp_path / "data", n_shards=2, per_shard=2, loose=2)
+    (tmp_path / "data" / "loose" / "x.dat").write_bytes(_png(7))
+    (tmp_path / "data" / "loose" / "x.txt").write_text("caption")
     db = tmp_path / "r.sqlite"
     assert main(["scan", str(tmp_path / "data"), "--detector", str(det_dir), "--ray", "local", "--out",
-                 str(db), "--batch-size", "4", "--items-per-task", "4", "--actors", "1", "--quiet"]) == 0
+                 str(db), "--batch-size", "4", "--items-per-task", "4", "--actors", "1", "--quiet",
+                 "--sniff", "--no-evidence"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["scored"] == total and summary.get("actors")
-    assert len(_rows(db)) == total
+    assert summary["scored"] == total + 1 and summary.get("actors")
+    assert summary["skipped_not_image"] == {".txt": 1}
+    assert not any(k.startswith("declared") for k in summary)
+    assert len(_rows(db)) == total + 1 and str(tmp_path / "data" / "loose" / "x.dat") in _rows(db)
+
+
+def test_summary_counts_match_the_local_scan_in_both_outputs(local_ray, det_dir, tmp_path):
+    """The Ray summary's ``skipped_not_image`` and ``declared_*`` equal ``aigid.scan``'s on one
+    corpus (loose files and tar members), into SQLite without ``sniff`` and into a Parquet folder
+    with it, and on a resumed run (a new file added). Catches: non-images not counted, or counted
+    where the other filter runs (walk vs expand vs decode), or twice; ``sniff`` not reaching the
+    walk/expand filter (the .dat JPEGs never scored) or not judged by content (the text files
+    scored as errors), or reported twice by a task that flushes its tally more than once;
+    declared counts taken over error rows, labelled with the default threshold
+    instead of the run's, or missed read as labelled fake; on resume, the Parquet read-back
+    counting every run's rows instead of this run's (local: declared_* are this run's only)."""
+    import pyarrow.parquet as pq
+
+    from aigid.provenance import provenance_of
+    from aigid.scan_ray import scan_ray
+
+    data = tmp_path / "data"
+    _declared_corpus(data)
+    detector = aigid.load_detector(str(det_dir))
+    local = dict(batch_size=4, num_workers=0, progress=False)
+    kw = dict(batch_size=4, items_per_task=3, max_actors=1, gpus_per_actor=0, cpus_per_actor=0,
+              progress=False)
+    # A threshold between the declared-AI images' scores: some labelled fake, some missed.
+    ai = sorted(r.score for r in aigid.scan([data], detector, sniff=True, **local)
+                if r.score is not None and provenance_of(r.evidence) == "declared-ai")
+    assert len(ai) == 3 + 1 and ai[2] - ai[1] > 1e-3  # far from Ray's scores' float noise
+    threshold = (ai[1] + ai[2]) / 2
+
+    # SQLite, without sniff: .dat/.json/.txt left out by name, in the walk and in the tar.
+    ref = scan_to_store([data], detector, out=tmp_path / "ref.sqlite", threshold=threshold, **local)
+    assert ref["skipped_not_image"] == {".dat": 2, ".json": 1, ".txt": 1}
+    assert (ref["declared_ai"], ref["declared_camera"]) == (3, 2)
+    got = scan_ray([data], str(det_dir), out=tmp_path / "ray.sqlite", threshold=threshold, **kw)
+    assert _counted(got) == _counted(ref)
+
+    # A Parquet folder, with sniff: the two JPEGs named .dat are scored (one declares AI).
+    # Slices longer than a batch: a decode task reports to the tally more than once.
+    kw.update(batch_size=2, items_per_task=8)
+    out = tmp_path / "parquet"
+    out.mkdir()
+    ref = scan_to_store([data], detector, out=tmp_path / "ref_sniff.sqlite", threshold=threshold,
+                        sniff=True, **local)
+    assert ref["skipped_not_image"] == {".json": 1, ".txt": 1}
+    assert (ref["declared_ai"], ref["declared_camera"]) == (4, 2)
+    assert 0 < ref["declared_ai_missed"] < 4
+    got = scan_ray([data], str(det_dir), out=out, threshold=threshold, sniff=True, **kw)
+    assert _counted(got) == _counted(ref)
+    ids = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    for name in (str(data / "photo.dat"), f"{data / 'shard.tar'}::blob.dat"):
+        assert ids[name]["score"] is not None and ids[name]["error"] is None
+
+    # Resumed, with one new declared-AI image: only it is scored and counted, as locally.
+    (data / "new_ai.png").write_bytes(_text_png(("parameters", "dog\nSteps: 9, Sampler: Euler")))
+    ref = scan_to_store([data], detector, out=tmp_path / "ref_sniff.sqlite", threshold=threshold,
+                        sniff=True, **local)
+    assert (ref["scored"], ref["declared_ai"], ref["declared_camera"]) == (1, 1, 0)
+    got = scan_ray([data], str(det_dir), out=out, threshold=threshold, sniff=True, **kw)
+    assert _counted(got) == _counted(ref)
