@@ -3,7 +3,10 @@
 Workload (CUDA): q (B, 16, L_q, 128) with GQA 4 (H_kv = 4) over three K/V sources of L_q keys
 each, bf16, L_q ∈ {256, 1024, 4096}; forward and forward + backward. Providers:
 
-* ``triton``: ``aigid.ops.smsa_attention(backend="triton")``, reading the sources in place;
+* ``triton``: ``aigid.ops.smsa_attention(backend="triton")``, reading the sources in place
+  (on sm_90+ its autotuner picks between pointer and TMA-descriptor tiles);
+* ``triton_pointers``: the same with ``AIGID_SMSA_TMA=0`` (pointer tiles only): the A/B that
+  says whether TMA pays off on this GPU;
 * ``sdpa_cat``: ``torch.cat`` of the sources + ``scaled_dot_product_attention(enable_gqa=True)``;
 * ``reference``: BAGEL's training path (cat + ``repeat_interleave`` to all heads + SDPA);
 * ``flash_attn``: ``flash_attn_func`` on the concatenation (native GQA), when installed;
@@ -108,6 +111,7 @@ _PROVIDERS = {
     "sdpa_cat": _make_sdpa_cat,  # first in each group: the ratios' baseline
     "reference": _make_reference,
     "triton": _make_triton,
+    "triton_pointers": _make_triton,  # run with AIGID_SMSA_TMA=0 (see the test)
     "flash_attn": _make_flash_attn,
     "xformers": _make_xformers,
 }
@@ -115,6 +119,7 @@ _PROVIDERS = {
 
 SMSA_MEANS = {
     "triton": "aigid's fused multi-source kernel",
+    "triton_pointers": "the same kernel without TMA descriptors (AIGID_SMSA_TMA=0)",
     "sdpa_cat": "torch.cat of the sources + SDPA (native GQA)",
     "reference": "BAGEL's path, cat + repeat K/V + SDPA (aigid's CPU path)",
     "flash_attn": "flash_attn_func on the concatenation",
@@ -125,7 +130,7 @@ SMSA_MEANS = {
 def _skip_reason(provider: str, device: str) -> str | None:
     if device == "cuda" and not CUDA:
         return "CUDA-only case (bf16 GPU workload): no CUDA device on this machine"
-    if provider == "triton" and not backends.has_triton():
+    if provider.startswith("triton") and not backends.has_triton():
         return "Triton is not installed"
     if provider == "flash_attn" and not backends.has_flash_attn():
         return "flash-attn is not installed"
@@ -156,7 +161,9 @@ def _device_name(device: str) -> str:
 
 
 @pytest.mark.parametrize("device, mode, l_q, provider", _cases())
-def test_smsa_attention(benchmark, device, mode, l_q, provider):
+def test_smsa_attention(benchmark, monkeypatch, device, mode, l_q, provider):
+    if provider == "triton_pointers":  # read per launch: forward and backward alike
+        monkeypatch.setenv("AIGID_SMSA_TMA", "0")
     if device == "cuda":
         batch, heads, kv_heads, head_dim, dtype = CUDA_BATCH, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16
     else:
