@@ -233,7 +233,9 @@ def test_shards_and_a_folder_spread_over_three_actors(local_ray, det_dir, tmp_pa
     assert summary["complete"] and summary["scored"] + summary["errors"] == total
     items = [a["items"] for a in summary["actors"].values()]
     assert len(items) == 3 and sum(items) == total
-    assert max(items) <= total / 2, summary["actors"]
+    # every actor scores, none takes most of it (a loaded machine starts actors late, so not
+    # an even third: one took 32 of 60 once under a parallel test run)
+    assert min(items) > 0 and max(items) <= 2 * total / 3, summary["actors"]
     ops = summary["operators"]
     decode = [o for o in ops if "decode" in o]
     scorer = [o for o in ops if "StandIn" in o]
