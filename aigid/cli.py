@@ -411,6 +411,15 @@ def _check_scan(args) -> None:
         folder_out = is_folder_out(args.out)
         if args.actors is not None and not re.fullmatch(r"\d+(:\d+)?", args.actors):
             raise UsageError(f"--actors {args.actors}: expected MIN or MIN:MAX, e.g. 2:8")
+        # the Ray stages decode in their own tasks and score with the detector's saved
+        # settings: say so rather than ignore a flag that would change the local scan
+        ignored = [flag for flag, given in (("--verdict", args.verdict is not None),
+                                            ("--decoder", args.decoder != "auto"),
+                                            ("--workers", args.workers is not None)) if given]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} cannot be used with --ray (Ray decodes in "
+                             "its own tasks, sized by --items-per-task, and scores with the "
+                             "detector's saved settings)")
     if not folder_out:
         _writable_parent(args.out, "results file")
         _results_file(args.out)

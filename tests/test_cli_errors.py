@@ -172,6 +172,12 @@ def _single_class(t):
     return ["train", t / "d", "--model", "tiny", "--out", t / "o"], t / "d"
 
 
+def _ray_with_local_only_flag(t):
+    _images(t / "d")
+    return ["scan", t / "d", "--detector", t / "det", "--ray", "local", "--decoder", "pil",
+            "--out", t / "r.sqlite"], "--decoder"
+
+
 ROWS = [
     ("empty-folder", _empty_folder, 2),
     ("missing-folder", _missing_folder, 2),
@@ -195,6 +201,7 @@ ROWS = [
     ("scan-missing-path", _scan_missing_path, 2),
     ("unknown-export-suffix", _unknown_export_suffix, 2),
     ("single-class", _single_class, 2),
+    ("ray-with-local-only-flag", _ray_with_local_only_flag, 2),
 ]
 
 
