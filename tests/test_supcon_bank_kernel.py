@@ -239,12 +239,14 @@ def _op_order(args):
 BF16_RTOL = 2e-2
 
 
-def _gpu_parity(n, a, m, d, dtype, *, tau=0.07, key_splits=None, **kw):
+def _gpu_parity(n, a, m, d, dtype, *, tau=0.07, key_splits=None, path="auto", bwd_chunk=None,
+                **kw):
     dev = torch.device("cuda")
     args = _inputs(n, a, m, d, device=dev, dtype=dtype, **kw)
     ref_args = [t.float() if t.is_floating_point() else t for t in args]
     ref = _run(supcon_bank_loss_reference, *ref_args, tau)
-    out = _run(supcon_bank.supcon_bank_loss_triton, *args, tau, key_splits=key_splits)
+    out = _run(supcon_bank.supcon_bank_loss_triton, *args, tau, key_splits=key_splits, path=path,
+               bwd_chunk=bwd_chunk)
     assert out[0].dtype == torch.float32
     assert out[1].dtype == dtype and (a == 0 or out[2].dtype == dtype)
     if dtype == torch.float32:
@@ -263,16 +265,27 @@ def _gpu_parity(n, a, m, d, dtype, *, tau=0.07, key_splits=None, **kw):
 @pytest.mark.parametrize("case", ["basic", "odd_d33_five_classes", "empty_bank",
                                   "some_rows_without_positives", "no_row_has_positives",
                                   "n1_with_anchor_positive", "splits_straddle_sources"])
-def test_gpu_parity_small(case, dtype):
+@pytest.mark.parametrize("path", ["tiled", "small"])
+def test_gpu_parity_small(case, dtype, path):
+    """Compiled kernels (wgmma / mma.sync, bf16) at small sizes, through both paths: "auto"
+    would send every one of these to the one-program path and leave the tiled kernels'
+    small-size edges (tails, splits that straddle sources) untested on hardware."""
     kw = dict(CASES[case])
     kw.pop("grad_scale", None)
-    _gpu_parity(dtype=dtype, **kw)
+    _gpu_parity(dtype=dtype, path=path, **kw)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [768, 1000])
 def test_gpu_parity_bf16_wide_d(d):
     _gpu_parity(96, 2, 300, d, torch.bfloat16, n_cls=2)
+
+
+@pytest.mark.gpu
+def test_gpu_parity_bf16_backward_in_chunks():
+    """Catches chunk partials of the bf16 backward summed in bf16 (torch.mm without
+    out_dtype) or chunk offsets wrong on hardware: 300-column chunks over batch and bank."""
+    _gpu_parity(512, 2, 1500, 768, torch.bfloat16, n_cls=3, path="tiled", bwd_chunk=300)
 
 
 @pytest.mark.gpu
