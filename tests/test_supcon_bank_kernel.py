@@ -283,8 +283,9 @@ def test_gpu_parity_bf16_wide_d(d):
 
 @pytest.mark.gpu
 def test_gpu_parity_bf16_backward_in_chunks():
-    """Catches chunk partials of the bf16 backward summed in bf16 (torch.mm without
-    out_dtype) or chunk offsets wrong on hardware: 300-column chunks over batch and bank."""
+    """Catches what only CUDA exercises in the chunked backward: torch.mm's fp32-out overload on
+    strided column slices of the bf16 weight buffer, and chunk offsets over batch and bank
+    (300-column chunks, not a multiple of the 128-wide tiles)."""
     _gpu_parity(512, 2, 1500, 768, torch.bfloat16, n_cls=3, path="tiled", bwd_chunk=300)
 
 
