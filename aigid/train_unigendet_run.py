@@ -3,11 +3,11 @@
 Builds the model (a named config such as ``tiny``, a saved folder, or a BAGEL base folder plus
 ``checkpoint``), the rank's data stream (:mod:`aigid.data.unigendet_stream` over the readers of
 :mod:`aigid.data.unigendet_sources`), runs :func:`aigid.train_unigendet.train_gduf` or
-``train_diga`` on its packs, and writes into ``out``: ``train_log.jsonl`` (one line per step:
-losses, lr, tokens, samples, skipped counts), ``train_summary.json``, ``data_state.json`` (the
-stream position after the last step: give it back as ``data_state`` to continue) and the model
-(``save_pretrained``; the EMA weights when the run keeps an EMA, as the public release ships
-``ema.safetensors``).
+:func:`aigid.train_unigendet_diga.train_diga` on its packs, and writes into ``out``:
+``train_log.jsonl`` (one line per step: losses, lr, tokens, samples, skipped counts),
+``train_summary.json``, ``data_state.json`` (the stream position after the last step: give it
+back as ``data_state`` to continue) and the model (``save_pretrained``; the EMA weights when the
+run keeps an EMA, as the public release ships ``ema.safetensors``).
 
 The data config (a dict, or a JSON/YAML file whose relative paths are read from its folder)::
 
@@ -38,7 +38,8 @@ from aigid.data.unigendet_stream import Pack, TokenCounter, UniGenDetStream
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 from aigid.dist import DistContext
 from aigid.train_unigendet import (DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, RunOptions,
-                                   build_sharded, build_teacher, export_pretrained, train_diga, train_gduf)
+                                   build_sharded, build_teacher, export_pretrained, train_gduf)
+from aigid.train_unigendet_diga import train_diga
 
 __all__ = ["run_unigendet_training", "build_stream", "token_counter", "gduf_batches", "diga_batches",
            "load_data_config", "STAGES"]

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.train_unigendet import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, train_diga, train_gduf
+from aigid.train_unigendet import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, train_gduf
+from aigid.train_unigendet_diga import train_diga
 
 WORLD = 2
 STEPS = 4

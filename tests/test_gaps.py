@@ -109,7 +109,8 @@ def test_diga_total_is_flow_plus_lambda_alignment(one_thread):
     must be L_flow + λ·L_align: λ=0 gives the flow loss, changing λ moves the total by exactly
     Δλ·L_align, and the alignment head's gradient scales with λ."""
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-    from aigid.train_unigendet import DIGAConfig, GenerationItem, diga_losses, make_teacher
+    from aigid.train_unigendet import DIGAConfig, GenerationItem
+    from aigid.train_unigendet_diga import diga_losses, make_teacher
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
