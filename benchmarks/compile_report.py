@@ -108,6 +108,14 @@ def default_shapes() -> list[Any]:
                SupConShape("kernel fp16 D1000 (unaligned)", 512, 4096, d=1000, dtype="float16"),
                SupConShape("kernel fp32 D768", 512, 4096, dtype="float32"),
                SupConShape("kernel fp32 D33 (unaligned)", 512, 4096, d=33, dtype="float32")]
+    # the one-program path (supcon_small.py) at its limits, per config it can pick
+    shapes += [SupConShape("small bf16 D768 limits", 64, 128, a=16),
+               SupConShape("small fp16 D1000 limits (unaligned)", 64, 64, d=1000, a=16,
+                           dtype="float16"),
+               SupConShape("small fp32 D768 limits", 64, 128, a=16, dtype="float32"),
+               SupConShape("small fp32 D768 empty bank", 32, 0, dtype="float32"),
+               SupConShape("small fp32 D1000 limits (unaligned)", 64, 64, d=1000, a=16,
+                           dtype="float32")]
     shapes += [SMSAShape(f"bench Lq{l}", 2, 16, 4, l, (l, l, l)) for l in (256, 1024, 4096)]
     shapes.append(SMSAShape("model UniGenDet 1 image", 1, 28, 4, 1024, (64, 1024, 1024)))
     return shapes

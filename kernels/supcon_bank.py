@@ -498,7 +498,8 @@ def supcon_bank_loss_triton(
         return (feats.sum() + anchors.sum()).float() * 0.0
     fits = small_fits(n, anchors.shape[0], bank_feats.shape[0], feats.shape[1])
     if path == "small" and not fits:
-        raise ValueError(f"path='small' takes N ≤ 64, A ≤ 16, M ≤ 128; got N={n}, "
+        raise ValueError(f"path='small' takes N ≤ 64, A ≤ 16, M ≤ 128 (64 when D is not a "
+                         f"multiple of 16); got N={n}, "
                          f"A={anchors.shape[0]}, M={bank_feats.shape[0]}")
     small = path == "small" or (path == "auto" and fits and dev.type == "cuda")
     dtype = feats.dtype

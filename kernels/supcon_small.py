@@ -48,20 +48,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["SMALL_MAX_ROWS", "SMALL_MAX_ANCHORS", "SMALL_MAX_BANK", "small_fits",
+__all__ = ["SMALL_MAX_ROWS", "SMALL_MAX_ANCHORS", "SMALL_MAX_BANK", "SMALL_MAX_BANK_UNALIGNED",
+           "small_fits",
            "small_forward", "small_backward"]
 
 SMALL_MAX_ROWS = 64
 SMALL_MAX_ANCHORS = 16
 SMALL_MAX_BANK = 128
+# D not a multiple of 16 (no vectorised loads): two 64-key bank tiles spill on sm_80 (56 B at
+# N = 32, M = 128, fp16 D = 1000; compile report), so such shapes take one tile at most
+SMALL_MAX_BANK_UNALIGNED = 64
 
 _LOG2E = 1.4426950408889634
 
 
 def small_fits(n: int, a: int, m: int, d: int) -> bool:
-    """Whether the one-program path handles this shape (any D ≥ 1; N ≥ 1; A, M may be 0)."""
+    """Whether the one-program path handles this shape (any D ≥ 1; N ≥ 1; A, M may be 0; M up
+    to ``SMALL_MAX_BANK``, or ``SMALL_MAX_BANK_UNALIGNED`` when D is not a multiple of 16)."""
+    max_bank = SMALL_MAX_BANK if d % 16 == 0 else SMALL_MAX_BANK_UNALIGNED
     return (1 <= n <= SMALL_MAX_ROWS and 0 <= a <= SMALL_MAX_ANCHORS
-            and 0 <= m <= SMALL_MAX_BANK and d >= 1)
+            and 0 <= m <= max_bank and d >= 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,12 +296,14 @@ def _config(n: int, a: int, m: int, d: int, dtype: torch.dtype, on_gpu: bool,
       registers: mma.sync puts all 8 warps along M for these chained dots, so each warp pair
       holds the same rows).
     * 16-bit, unaligned (D = 1000, 33): no vectorised loads, so every element carries its own
-      address and mask; 16/32-wide slices and two 64-key bank tiles. Spill-free on sm_90a;
-      sm_80's forward spills 56 bytes at the limits.
+      address and mask; 16/32-wide slices and 64-key bank tiles. Two of them spilled 56 bytes
+      in sm_80's forward, so ``small_fits`` caps M at ``SMALL_MAX_BANK_UNALIGNED`` = 64 here:
+      spill-free on both targets.
     * fp32: IEEE dots run on CUDA cores, whose operands are loaded whole along K into
       registers (a 64×128 tile alone needs ~246 registers at 8 warps), so 16-wide slices, two
-      64-key bank tiles and no pipelining (2 stages spill). Spill-free at the limits and at
-      MiraGe's shape (8 bytes with an empty bank).
+      64-key bank tiles (never smaller: a 16-key tile for a small or empty bank spilled 8
+      bytes in the backward) and no pipelining (2 stages spill). Spill-free at the limits, at
+      MiraGe's shape and with an empty bank.
 
     8 warps throughout (4 spill everywhere). BLOCK_M = 64 always, since wgmma needs
     M % 64 == 0 (N ≤ 64 by ``small_fits``). Under the interpreter: the smallest row/anchor
@@ -309,6 +317,9 @@ def _config(n: int, a: int, m: int, d: int, dtype: torch.dtype, on_gpu: bool,
         return _Config(_p2(n), _p2(a), block_b, bank_tiles, 16, 16, 4)
     if dtype == torch.float32:
         bd, bdo, stages = 16, 16, 1
+        # a bank tile under 64 keys (M < 64, an empty bank too) spills 8 B in the fp32 backward
+        # on both targets; the full 64-key tile does not (compile report)
+        block_b = max(block_b, 64)
     elif aligned:
         bd, bdo, stages = 32, 128, 2
     else:

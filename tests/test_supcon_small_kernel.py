@@ -243,12 +243,15 @@ def test_grad_out_any_float_dtype(grad_dtype):
 
 def test_small_fits_boundaries():
     """The limits are inclusive, zero anchors/bank are fine, N = 0 and oversize are refused.
-    Catches: off-by-one at the limits (e.g. ``<`` for ``<=``), or a path accepting N = 0."""
+    Catches: off-by-one at the limits (e.g. ``<`` for ``<=``), a path accepting N = 0, or an
+    unaligned D admitted with two bank tiles (they spill on sm_80)."""
     L, A, M = small.SMALL_MAX_ROWS, small.SMALL_MAX_ANCHORS, small.SMALL_MAX_BANK
     assert L >= 32 and M >= 64 and A >= 2
     assert small.small_fits(L, A, M, 768)
     assert small.small_fits(1, 0, 0, 1)
     assert small.small_fits(32, 2, 64, 1000)
+    assert not small.small_fits(32, 2, 65, 1000)  # unaligned D: one bank tile at most
+    assert small.small_fits(32, 2, small.SMALL_MAX_BANK, 1024)
     assert not small.small_fits(0, 0, 0, 8)
     assert not small.small_fits(L + 1, 0, 0, 8)
     assert not small.small_fits(1, A + 1, 0, 8)
