@@ -625,6 +625,17 @@ def check(record: dict, dev: Device) -> list[str]:
     return problems
 
 
+def _machine_info() -> dict[str, Any]:
+    """The host that compiled (pytest-benchmark's machine_info fields): no GPU is involved, the
+    target is ``device``."""
+    import platform
+    return {"node": platform.node(), "processor": platform.processor(),
+            "machine": platform.machine(), "python_implementation":
+            platform.python_implementation(), "python_version": platform.python_version(),
+            "system": platform.system(), "release": platform.release(),
+            "cpu_count": os.cpu_count(), "gpu": None}
+
+
 def report(dev: Device, shapes: Iterable[Any]) -> dict:
     """The JSON document for one target."""
     import torch
@@ -640,6 +651,7 @@ def report(dev: Device, shapes: Iterable[Any]) -> dict:
     doc = {"target": dev.tag, "device": vars(dev) | {"tag": dev.tag},
            "triton": triton.__version__, "torch": torch.__version__,
            "note": "static estimates from the compiled artefacts, not measurements",
+           "machine_info": _machine_info(),
            "kernels": kernels}
     doc["problems"] = [p for k in kernels for p in check(k, dev)]
     return doc

@@ -34,6 +34,7 @@ from PIL import Image
 
 from aigid.data.decode_cpu import Chunk, Meta, decode_image
 from aigid.data.images import ImageError
+from aigid.data.jpeg_markers import JpegStructureError, segments
 from aigid.data.sources import image_format
 from aigid.data.transforms import eval_transform
 
@@ -42,7 +43,6 @@ __all__ = ["JpegInfo", "jpeg_info", "sniff", "dali_eligible", "DaliDecoder", "Da
 
 _SOF_DALI = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
 _SOF_ALL = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC
-_STANDALONE = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # TEM, SOI, RSTn: no length field
 
 
 class JpegInfo(NamedTuple):
@@ -77,34 +77,22 @@ def jpeg_info(data: bytes) -> Optional[JpegInfo]:
     """Parse the markers up to the frame header; ``None`` if this is not a readable JPEG."""
     if data[:3] != b"\xff\xd8\xff":
         return None
-    i, orientation, adobe = 2, 1, None
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        segment = data[i + 4:i + 2 + length]
-        if length < 2 or len(segment) != length - 2:
-            return None
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
-            orientation = _exif_orientation(segment[6:])
-        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
-            adobe = segment[11]
-        elif marker in _SOF_ALL:
-            if len(segment) < 6:
-                return None
-            return JpegInfo(marker, segment[0], int.from_bytes(segment[1:3], "big"),
-                            int.from_bytes(segment[3:5], "big"), segment[5], orientation, adobe)
-        elif marker == 0xDA:  # a scan before any frame header
-            return None
-        i += 2 + length
-    return None
+    orientation, adobe = 1, None
+    try:
+        for marker, _, segment in segments(data):
+            if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
+                orientation = _exif_orientation(segment[6:])
+            elif marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
+                adobe = segment[11]
+            elif marker in _SOF_ALL:
+                if len(segment) < 6:
+                    return None
+                return JpegInfo(marker, segment[0], int.from_bytes(segment[1:3], "big"),
+                                int.from_bytes(segment[3:5], "big"), segment[5], orientation,
+                                adobe)
+    except JpegStructureError:
+        return None
+    return None  # a scan (or the end) before any frame header
 
 
 def sniff(data: bytes) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Optional
 
+from aigid.data.jpeg_markers import JpegStructureError, segments
+
 __all__ = ["EvidenceError", "Segment", "sniff_format", "walk", "MIME"]
 
 
@@ -42,7 +44,6 @@ _JXL_SIG = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
 _C2PA_UUID = bytes.fromhex("d8fec3d61b0e483c92975828877ec481")  # C2PA spec, "Embedding in BMFF"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_EXT_JPEG = b"http://ns.adobe.com/xmp/extension/\x00"
-_STANDALONE = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # TEM, SOI, RSTn carry no length
 _PNG_KINDS = {b"tEXt": "text", b"zTXt": "ztext", b"iTXt": "itext", b"eXIf": "exif",
               b"caBX": "jumbf"}
 _WEBP_KINDS = {b"EXIF": "exif", b"XMP ": "xmp", b"C2PA": "jumbf"}
@@ -75,48 +76,24 @@ def walk(data: bytes) -> tuple[Optional[str], list[Segment]]:
 
 
 def _jpeg(data: memoryview) -> Iterator[Segment]:
-    # ITU-T T.81 B.1: markers; metadata APPn segments precede the first SOS (0xDA).
-    n, i = len(data), 2
-    while True:
-        if i + 2 > n:
-            raise EvidenceError("JPEG: the file ends inside its header segments")
-        if data[i] != 0xFF:
-            raise EvidenceError(f"JPEG: no marker at byte {i}")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker == 0xD9:  # EOI before any scan: nothing more to read
-            return
-        if i + 4 > n:
-            raise EvidenceError("JPEG: the file ends inside a segment header")
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        end = i + 2 + length
-        if length < 2:
-            raise EvidenceError(f"JPEG: segment 0x{marker:02X} at byte {i} has length {length}")
-        if end > n:
-            raise EvidenceError(f"JPEG: segment 0x{marker:02X} at byte {i} ({length} bytes) "
-                                "runs past the end of the file")
-        if marker == 0xDA:
-            return
-        payload = data[i + 4:end]
-        if marker == 0xE1:
-            if payload[:6] == b"Exif\x00\x00":
-                yield Segment("exif", "jpeg:app1", payload[6:])
-            elif payload[:len(_XMP_JPEG)] == _XMP_JPEG:
-                yield Segment("xmp", "jpeg:app1", payload[len(_XMP_JPEG):])
-            elif payload[:len(_XMP_EXT_JPEG)] == _XMP_EXT_JPEG:  # + GUID(32) + size(4) + offset(4)
-                yield Segment("xmp", "jpeg:app1-extended", payload[len(_XMP_EXT_JPEG) + 40:])
-        elif marker == 0xEB and payload[:2] == b"JP":
-            # ISO 19566-5 (JPEG 360 / JUMBF in JPEG): CI "JP", En (2), Z (4), then the box.
-            if len(payload) < 16:
-                raise EvidenceError(f"JPEG: APP11 JUMBF segment at byte {i} is too short")
-            seq = int.from_bytes(payload[4:8], "big")
-            yield Segment("jumbf", "jpeg:app11", payload[8:], first=seq <= 1)
-        i = end
+    # metadata APPn segments precede the first SOS (0xDA), where the walk ends
+    try:
+        for marker, i, payload in segments(data):
+            if marker == 0xE1:
+                if payload[:6] == b"Exif\x00\x00":
+                    yield Segment("exif", "jpeg:app1", payload[6:])
+                elif payload[:len(_XMP_JPEG)] == _XMP_JPEG:
+                    yield Segment("xmp", "jpeg:app1", payload[len(_XMP_JPEG):])
+                elif payload[:len(_XMP_EXT_JPEG)] == _XMP_EXT_JPEG:  # + GUID(32) + size(4) + offset(4)
+                    yield Segment("xmp", "jpeg:app1-extended", payload[len(_XMP_EXT_JPEG) + 40:])
+            elif marker == 0xEB and payload[:2] == b"JP":
+                # ISO 19566-5 (JPEG 360 / JUMBF in JPEG): CI "JP", En (2), Z (4), then the box.
+                if len(payload) < 16:
+                    raise EvidenceError(f"JPEG: APP11 JUMBF segment at byte {i} is too short")
+                seq = int.from_bytes(payload[4:8], "big")
+                yield Segment("jumbf", "jpeg:app11", payload[8:], first=seq <= 1)
+    except JpegStructureError as err:
+        raise EvidenceError(str(err)) from None
 
 
 def _png(data: memoryview) -> Iterator[Segment]:
