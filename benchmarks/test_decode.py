@@ -17,19 +17,17 @@ CUDA: 2048 such JPEGs to 224x224 on the GPU by
 """
 from __future__ import annotations
 
-import io
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from aigid import backends
 from aigid.data.batches import iter_batches
 from aigid.data.images import load_rgb
 from aigid.data.transforms import eval_transform
 
+from _images import photo_like_jpeg
 from _report import record_comparison
 
 HAS_CUDA = torch.cuda.is_available()
@@ -42,21 +40,10 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU size: needs a CUDA dev
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="CPU size: CUDA runs time the GPU sizes")
 
 
-def _photo_like(seed: int) -> bytes:
-    """A smooth random image plus mild noise: JPEG sizes like a photo's (~30-60 kB), not noise's."""
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((W, H),
-                                                                                    Image.BICUBIC)
-    arr = np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (H, W, 3), dtype=np.int16)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _make_set(folder, n: int) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (folder / f"{i:05d}.jpg").write_bytes(_photo_like(i))
+        (folder / f"{i:05d}.jpg").write_bytes(photo_like_jpeg(i, W, H))
     return str(folder)
 
 

@@ -16,19 +16,17 @@ bound of the cost in a scan.
 """
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from aigid.data.decode_cpu import decode_image
 from aigid.data.transforms import eval_transform
 from aigid.provenance import evidence_json
 
+from _images import photo_like_jpeg
 from _report import record_comparison
 
 PP = {"size": 224, "resize_mode": "shortest", "interpolation": "bicubic",
@@ -41,19 +39,9 @@ MEANS = {"decode": "decode_image + eval transform per JPEG (a CPU scan worker's 
          "evidence": "evidence_json alone"}
 
 
-def _photo_like(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((W, H),
-                                                                                    Image.BICUBIC)
-    arr = np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (H, W, 3), dtype=np.int16)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def jpegs() -> list[bytes]:
-    data = [_photo_like(i) for i in range(N)]
+    data = [photo_like_jpeg(i, W, H) for i in range(N)]
     assert all(evidence_json(d) == '{"provenance":"none"}' for d in data)
     return data
 
