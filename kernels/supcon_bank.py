@@ -309,14 +309,17 @@ def _mm_has_out_dtype(device_type: str) -> bool:
         return False
 
 
-def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _mm_f32(x: torch.Tensor, y: torch.Tensor,
+            acc: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ y with fp32 accumulation *and* an fp32 result, so chunk partial sums are not rounded
-    to 16 bits before they are added up."""
+    to 16 bits before they are added up; with ``acc`` (fp32), added into it in place (fp32
+    inputs: one ``addmm_``, no temporary)."""
     if x.dtype == torch.float32:
-        return torch.mm(x, y)
+        return torch.mm(x, y) if acc is None else acc.addmm_(x, y)
     if _mm_has_out_dtype(x.device.type):
-        return torch.mm(x, y, out_dtype=torch.float32)
-    return torch.mm(x.float(), y.float())
+        out = torch.mm(x, y, out_dtype=torch.float32)
+        return out if acc is None else acc.add_(out)
+    return torch.mm(x.float(), y.float()) if acc is None else acc.addmm_(x.float(), y.float())
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,9 +394,7 @@ class SupConBankLossFunction(torch.autograd.Function):
         if ctx.small:
             grad_feats, grad_anchors = small_backward(
                 feats, anchors, bank, labels, anchor_labels, bank_labels, lse, n_pos, grad_out,
-                ctx.temperature, need_f, need_a)
-            if need_a:
-                grad_anchors = grad_anchors.to(anchors.dtype)
+                ctx.temperature, need_f, need_a)  # in feats' dtype, which anchors share here
             return grad_feats, grad_anchors, None, None, None, None, None, None, None, None
         dev = feats.device
         on_gpu = dev.type == "cuda"
@@ -435,9 +436,9 @@ class SupConBankLossFunction(torch.autograd.Function):
                     num_warps=cfg.warps_bwd, num_stages=cfg.stages)
                 g = g_buf[:, :width]
                 if need_f:  # dq: every key
-                    grad_feats += _mm_f32(g, keys[k0:k0 + width])
+                    _mm_f32(g, keys[k0:k0 + width], acc=grad_feats)
                 if is_batch:  # feats are keys too
-                    grad_feats[k0:k0 + width] += _mm_f32(g.t(), feats)
+                    _mm_f32(g.t(), feats, acc=grad_feats[k0:k0 + width])
                 elif keys is anchors and need_a:
                     grad_anchors[k0:k0 + width] = _mm_f32(g.t(), feats)
         if need_f:

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import aigid
@@ -22,11 +21,9 @@ from aigid.store import ResultStore
 
 
 @pytest.fixture(scope="module")
-def det_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("det")
-    MiraGe(MiraGeConfig.named("tiny"), seed=0).save_pretrained(out)
-    return out
+def det_dir(tiny_mirage_folder):
+    """conftest's saved tiny MiraGe, under the name these tests use."""
+    return tiny_mirage_folder
 
 
 def _png(seed: int) -> bytes:
