@@ -1,6 +1,6 @@
 """Compile-time evidence for the Triton kernels, on a machine without a GPU.
 
-    python -m benchmarks.compile_report            # writes benchmarks/results/compile-sm90a.json, -sm80.json
+    python benchmarks/compile_report.py          # writes benchmarks/results/compile-sm90a.json, -sm80.json
 
 What it does, per target (``GPUTarget("cuda", 90, 32)`` = sm_90a / H100, ``("cuda", 80, 32)`` =
 sm_80 / A100):

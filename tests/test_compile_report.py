@@ -4,7 +4,7 @@ Triton compiles for ``GPUTarget("cuda", 90, 32)`` (sm_90a) and ``("cuda", 80, 32
 GPU, using its bundled ptxas. The report runs in a subprocess: this session's conftest sets
 ``TRITON_INTERPRET=1``, under which ``@triton.jit`` builds interpreter objects that cannot be
 compiled. Only a few representative launches are compiled here (one SupCon size, UniGenDet's
-SMSA); ``python -m benchmarks.compile_report`` does the whole grid.
+SMSA); ``python benchmarks/compile_report.py`` does the whole grid.
 """
 import json
 import os
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
 import dataclasses, json, sys
-from benchmarks import compile_report as cr
+sys.path.insert(0, sys.argv[1])  # benchmarks/: loaded by path, whatever the working directory
+import compile_report as cr
 
 out = {}
 for tag, dev in cr.DEVICES.items():
@@ -57,12 +58,13 @@ def _can_compile() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict:
+def reports(tmp_path_factory) -> dict:
     reason = _can_compile()
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(ROOT / "benchmarks")],
+                         cwd=tmp_path_factory.mktemp("compile"), env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)

@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from aigid.cli import main
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from tests.test_unigendet_data import _png, _row, _tar
+from fakeclue_samples import fakeclue_row, noise_png, write_tar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,12 +21,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ugd")
     (root / "images").mkdir()
     for i in range(8):
-        (root / "images" / f"d{i}.png").write_bytes(_png(32, 32, i))
-    (root / "det.jsonl").write_text("\n".join(json.dumps(_row(f"d{i}.png", i % 2)) for i in range(8)))
+        (root / "images" / f"d{i}.png").write_bytes(noise_png(32, 32, i))
+    (root / "det.jsonl").write_text("\n".join(json.dumps(fakeclue_row(f"d{i}.png", i % 2)) for i in range(8)))
     members = []
     for i in range(8):
-        members += [(f"p/s{i:03d}.png", _png(32, 32, 100 + i)), (f"p/s{i:03d}.txt", f"caption {i}".encode())]
-    _tar(root / "gen.tar", members)
+        members += [(f"p/s{i:03d}.png", noise_png(32, 32, 100 + i)), (f"p/s{i:03d}.txt", f"caption {i}".encode())]
+    write_tar(root / "gen.tar", members)
     (root / "data.json").write_text(json.dumps({
         "detection": {"path": "det.jsonl", "image_root": "images"}, "generation": {"path": "gen.tar"},
         "det_weight": 1, "gen_weight": 1, "mix": "paired", "max_tokens": 400}))
@@ -52,8 +51,7 @@ def test_torchrun_two_ranks_train_shard_and_export_a_loadable_model(setup, tmp_p
     that does not load), every rank writing logs, or ranks reading the same data (the log would
     count one rank's samples only)."""
     out = tmp_path / "dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AIGID_QUIET": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AIGID_QUIET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aigid.cli",
            "train-unigendet", str(setup / "data.json"), "--stage", "gduf", "--out", str(out), "--model",
            str(setup / "base"), "--steps", "2", "--warmup-steps", "0", "--device", "cpu", "--quiet"]

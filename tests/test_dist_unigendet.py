@@ -91,7 +91,7 @@ def _launch(tmp: Path, source: Path, out: Path, stage: str, *, ckpt: Path | None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__,
            "--stage", stage, "--source", str(source), "--out", str(out), "--every", str(every),
            "--kill-at", str(kill_at)] + (["--ckpt", str(ckpt)] if ckpt else []) + (["--gc"] if gc else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 

@@ -3,10 +3,8 @@ sharding, resume, bad-sample accounting, and the runner end to end on the tiny m
 import io
 import json
 import os
-import tarfile
 from itertools import islice
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +12,7 @@ from PIL import Image
 from aigid.data.transforms import eval_transform
 from aigid.data.unigendet_sources import FakeClueSource, ParquetSource, T2IJsonSource, TarShardSource, open_source
 from aigid.data.unigendet_stream import TokenCounter, UniGenDetStream
+from fakeclue_samples import QUESTION, fakeclue_row, noise_png, write_tar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,30 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PP = {"size": 32, "max_size": 64, "stride": 16, "resize_mode": "bagel", "interpolation": "bicubic",
       "mean": [0.5] * 3, "std": [0.5] * 3}
 TINY_TOKENS = TokenCounter(vae_stride=16, vit_resize=(64, 16, 8), vit_patch=8)
-QUESTION = "Does the image looks real/fake?"
-
-
-def _png(w, h, seed):
-    px = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(px).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _row(name, upstream_label, answer=None, question=f"<image>\n{QUESTION}"):
-    verdict = "real" if upstream_label == 1 else "fake"
-    return {"image": name, "label": upstream_label, "cate": "test",
-            "conversations": [{"from": "human", "value": question},
-                              {"from": "gpt", "value": f"This is a {verdict} image. Because." if answer is None
-                               else answer}]}
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
@@ -53,14 +28,14 @@ def data(tmp_path):
     img = tmp_path / "images"
     img.mkdir()
     for i in range(8):
-        (img / f"d{i}.png").write_bytes(_png(32, 32, i))
-    (tmp_path / "det.json").write_text(json.dumps([_row(f"d{i}.png", i % 2) for i in range(4)]))
-    (tmp_path / "det.jsonl").write_text("\n".join(json.dumps(_row(f"d{i}.png", i % 2)) for i in range(4, 8)))
+        (img / f"d{i}.png").write_bytes(noise_png(32, 32, i))
+    (tmp_path / "det.json").write_text(json.dumps([fakeclue_row(f"d{i}.png", i % 2) for i in range(4)]))
+    (tmp_path / "det.jsonl").write_text("\n".join(json.dumps(fakeclue_row(f"d{i}.png", i % 2)) for i in range(4, 8)))
     members = []
     for i in range(6):
-        members.append((f"part/s{i:03d}.png", _png(32, 32, 100 + i)))
+        members.append((f"part/s{i:03d}.png", noise_png(32, 32, 100 + i)))
         members.append((f"part/s{i:03d}.txt", f"caption {i}".encode()))
-    _tar(tmp_path / "gen.tar", members)
+    write_tar(tmp_path / "gen.tar", members)
     return tmp_path
 
 
@@ -94,15 +69,15 @@ def test_generation_readers_tar_parquet_and_t2i_json(tmp_path):
     BAGEL's parquet ``captions`` JSON dict not unpacked, rows shifted across row groups."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    _tar(tmp_path / "a.tar", [("x.v1/k0.jpg", _png(32, 32, 0)), ("x.v1/k0.txt", b"zero"),
-                              ("x.v1/k1.png", _png(48, 32, 1)), ("x.v1/k1.json", b'{"caption": "one"}'),
-                              ("x.v1/k2.png", _png(32, 32, 2))])          # no caption: left out
+    write_tar(tmp_path / "a.tar", [("x.v1/k0.jpg", noise_png(32, 32, 0)), ("x.v1/k0.txt", b"zero"),
+                              ("x.v1/k1.png", noise_png(48, 32, 1)), ("x.v1/k1.json", b'{"caption": "one"}'),
+                              ("x.v1/k2.png", noise_png(32, 32, 2))])          # no caption: left out
     tar = TarShardSource(str(tmp_path / "a.tar"))
     got = {tar.read(u).caption: Image.open(io.BytesIO(tar.read(u).image)).size for u in tar.units}
     assert got == {"zero": (32, 32), "one": (48, 32)} and tar.index_counts["no_caption"] == 1
     tar.close()
 
-    images = [_png(32, 32 + 16 * (i % 2), i) for i in range(5)]
+    images = [noise_png(32, 32 + 16 * (i % 2), i) for i in range(5)]
     caps = [json.dumps({"short": f"cap {i}"}) for i in range(5)]
     pq.write_table(pa.table({"image": images, "captions": caps}), tmp_path / "g.parquet", row_group_size=2)
     par = ParquetSource(str(tmp_path))                                      # a folder of parquet files
@@ -137,9 +112,9 @@ def test_packs_respect_the_token_budget_and_one_latent_grid(tmp_path, data):
     assert TokenCounter(count_text=lambda s: 0).vit(512, 512) == 37 * 37 + 2        # 512 → 518 px
     members = []
     for i in range(8):
-        members.append((f"s{i}.png", _png(32 + 16 * (i % 2), 32, i)))          # 32×32 and 48×32
+        members.append((f"s{i}.png", noise_png(32 + 16 * (i % 2), 32, i)))          # 32×32 and 48×32
         members.append((f"s{i}.txt", b"x" * (400 if i == 5 else 5)))
-    _tar(tmp_path / "sizes.tar", members)
+    write_tar(tmp_path / "sizes.tar", members)
     det = FakeClueSource(str(data / "det.json"), image_root=str(data / "images"))
     gen = TarShardSource(str(tmp_path / "sizes.tar"))
     budget = 300
@@ -184,8 +159,8 @@ def test_resume_from_a_saved_state_gives_the_same_next_packs(tmp_path, data):
     saved or not restored, so a resumed run sees other data than an uninterrupted one."""
     members = []
     for i in range(7):
-        members += [(f"s{i}.png", _png(32 + 16 * (i % 3 == 0), 32, i)), (f"s{i}.txt", b"cap")]
-    _tar(tmp_path / "mixed.tar", members)
+        members += [(f"s{i}.png", noise_png(32 + 16 * (i % 3 == 0), 32, i)), (f"s{i}.txt", b"cap")]
+    write_tar(tmp_path / "mixed.tar", members)
 
     def fresh():
         det = FakeClueSource(str(data / "det.json"), image_root=str(data / "images"))
@@ -215,12 +190,12 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, data):
     """Catches: a missing or corrupt image, an empty answer/caption or a bad JSON line crashing
     the run or reaching the model, or skipped samples going uncounted."""
     (data / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    lines = [json.dumps(_row("d0.png", 0)), "{not json", json.dumps(_row("gone.png", 1)),
-             json.dumps(_row("broken.png", 0)), json.dumps(_row("d1.png", 1, answer="  ")),
-             json.dumps({**_row("d2.png", 1), "label": "real"}), json.dumps(_row("d3.png", 1))]
+    lines = [json.dumps(fakeclue_row("d0.png", 0)), "{not json", json.dumps(fakeclue_row("gone.png", 1)),
+             json.dumps(fakeclue_row("broken.png", 0)), json.dumps(fakeclue_row("d1.png", 1, answer="  ")),
+             json.dumps({**fakeclue_row("d2.png", 1), "label": "real"}), json.dumps(fakeclue_row("d3.png", 1))]
     (tmp_path / "bad.jsonl").write_text("\n".join(lines))
-    _tar(tmp_path / "bad.tar", [("a.png", _png(32, 32, 0)), ("a.txt", b"fine"),
-                                ("b.png", _png(32, 32, 1)), ("b.txt", b"   "),
+    write_tar(tmp_path / "bad.tar", [("a.png", noise_png(32, 32, 0)), ("a.txt", b"fine"),
+                                ("b.png", noise_png(32, 32, 1)), ("b.txt", b"   "),
                                 ("c.png", b"garbage"), ("c.txt", b"corrupt")])
     det = FakeClueSource(str(tmp_path / "bad.jsonl"), image_root=str(data / "images"))
     gen = TarShardSource(str(tmp_path / "bad.tar"))
