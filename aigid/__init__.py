@@ -10,12 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# The functions are bound after their same-named submodules are imported, so `aigid.train` and
-# `aigid.evaluate` are the callables, not the modules.
-from aigid.evaluate import evaluate  # noqa: E402
+from aigid.evaluation.runner import evaluate  # noqa: E402
 from aigid.models.registry import load_detector  # noqa: E402
-from aigid.scan import scan  # noqa: E402
-from aigid.train import TrainConfig, train  # noqa: E402
+from aigid.scanning.local import scan  # noqa: E402
+from aigid.training.mirage import TrainConfig, train  # noqa: E402
 
 
 

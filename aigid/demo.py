@@ -22,7 +22,7 @@ import torch
 from aigid.data.aligned import _to_image, _to_tensor, fit_tiny_vae, reconstruct
 from aigid.data.images import load_rgb
 from aigid.models.mirage import MiraGeConfig
-from aigid.train import TrainConfig, train
+from aigid.training.mirage import TrainConfig, train
 
 TRAIN_PHOTOS = ("astronaut.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
                 "motorcycle_left.png", "ihc.png")

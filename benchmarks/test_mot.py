@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from aigid import backends, ops
 from aigid.models.unigendet.mot import MoTConfig, MoTLayer
 from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
-from aigid.packing import PackedLayout, Split
+from aigid.ops.packing import PackedLayout, Split
 
 from _report import record_comparison
 

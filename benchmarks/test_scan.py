@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from aigid.data.transforms import eval_transform
 from aigid.models.mirage import MiraGe, MiraGeConfig
-from aigid.scan import default_workers, scan
+from aigid.scanning.local import default_workers, scan
 
 from _report import record_comparison
 

@@ -45,7 +45,7 @@ class LatencyScorer:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from aigid.scan_ray_stages import SCORED
+        from aigid.scanning.ray_stages import SCORED
 
         started = time.time()
         time.sleep(self.latency)
@@ -100,7 +100,7 @@ def cluster(tmp_path_factory):
     (warm / "spans").mkdir()
     LatencyScorer.spans, latency = str(warm / "spans"), LatencyScorer.latency
     LatencyScorer.latency = 0.0
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
     scan_ray([warm / "data"], str(det), out=warm / "r.sqlite", batch_size=BATCH, min_actors=2,
              max_actors=2, gpus_per_actor=0, cpus_per_actor=0, progress=False, _scorer=LatencyScorer)
     LatencyScorer.latency = latency
@@ -113,7 +113,7 @@ RATES: dict[int, float] = {}
 
 @pytest.mark.parametrize("actors", [1, 2, 4, 8])
 def test_scan_ray_actor_scaling(benchmark, cluster, tmp_path, actors):
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
 
     n = actors * BATCHES_PER_ACTOR * BATCH
     _corpus(tmp_path / "data", n)

@@ -101,7 +101,7 @@ def packed_attention_reference(
 ) -> torch.Tensor:
     """Attention over a packed batch, one SDPA call per sample on its dense boolean mask.
 
-    q: (T, H_q, d), k/v: (T, H_kv, d) in pack order; ``layout`` is an ``aigid.packing.PackedLayout``
+    q: (T, H_q, d), k/v: (T, H_kv, d) in pack order; ``layout`` is an ``aigid.ops.packing.PackedLayout``
     (duck-typed: ``num_samples``, ``sample_range(b)`` and ``dense_mask(b)``, the ground truth of
     who sees whom). K/V are expanded to all query heads with ``repeat_interleave``, exactly as
     BAGEL's training attention does. Every query sees at least itself, so no row is empty.

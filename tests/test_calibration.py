@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import aigid
-from aigid import calibration as C
+from aigid.models import calibration as C
 from aigid.data.labelled import LabelledImage
-from aigid.evaluate import calibrate, evaluate, write_plots
+from aigid.evaluation.runner import calibrate, evaluate, write_plots
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,6 @@
 """A stored calibration reaches every way of serving a detector: the torch map
 (``Calibration.apply_torch`` / ``CalibrationMap``) agrees with ``Calibration.apply``; the
-transformers pipeline (``aigid.hf``) and the exported graphs (torch.export, ONNX) return the
+transformers pipeline (``aigid.export.hf``) and the exported graphs (torch.export, ONNX) return the
 calibrated P(fake) ``predict`` returns; the model card states the calibration. Without one,
 everything stays raw, as before."""
 import copy
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aigid import calibration as C
-from aigid.export_model import ExportableMiraGe, export_model
+from aigid.models import calibration as C
+from aigid.export.onnx import ExportableMiraGe, export_model
 from aigid.models.mirage import MiraGe, MiraGeConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,7 +133,7 @@ def test_pipeline_gives_predicts_calibrated_score(calibrated, raw_dir, method):
     applied twice, or the stored threshold missing from the HF config."""
     pytest.importorskip("transformers")
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
     folder, cal = calibrated[method]
     model = AigidForImageClassification.from_pretrained(folder)
     assert model.config.aigid_threshold == cal["threshold"]
@@ -155,7 +155,7 @@ def test_pipeline_calibrates_unigendet_head_scores(tmp_path):
     class order (fake = 0) instead of id2label's [real, fake]."""
     pytest.importorskip("transformers")
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
     model = UniGenDet(UniGenDetConfig.named("tiny"), seed=0).eval()
     model.config.calibration = {"method": "temperature", "T": 0.2, "threshold": 0.6, "rule": "balanced"}
@@ -209,7 +209,7 @@ def test_without_calibration_everything_stays_raw(raw_dir, calibrated, caplog):
     a default map in the graph), calibrated=False ignored by the export, or the card losing
     today's "not calibrated" line for an uncalibrated detector."""
     pytest.importorskip("transformers")
-    from aigid.hf import AigidForImageClassification, two_class_logits
+    from aigid.export.hf import AigidForImageClassification, two_class_logits
     folder, model = raw_dir
     hf = AigidForImageClassification.from_pretrained(folder)
     x = _pixels(3)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import aigid
 from aigid import backends, cli
-from aigid.store import ResultRow, ResultStore
+from aigid.scanning.store import ResultRow, ResultStore
 
 
 def _images(root, splits=("train",), n=2):

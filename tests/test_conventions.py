@@ -15,11 +15,11 @@ from sklearn.metrics import (accuracy_score, auc, average_precision_score, confu
 import aigid
 from aigid.data.labelled import LabelledImage
 from aigid.data.perturb import Perturbation
-from aigid.eval_formats import FORMATS, write_report
-from aigid.evaluate import _metrics
-from aigid.metrics import binary_metrics, equal_error_rate, is_fake, oracle_accuracy
-from aigid.scan import scan
-from aigid.store import ResultRow, ResultStore, label_of
+from aigid.evaluation.formats import FORMATS, write_report
+from aigid.evaluation.runner import _metrics
+from aigid.evaluation.metrics import binary_metrics, equal_error_rate, is_fake, oracle_accuracy
+from aigid.scanning.local import scan
+from aigid.scanning.store import ResultRow, ResultStore, label_of
 
 
 def _scores(seed: int, n: int = 200, tied: bool = True):

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from aigid import dist_gather
+from aigid.training import gather as dist_gather
 from aigid.models.mirage import MiraGe, MiraGeConfig
-from aigid.train import TrainConfig, train
+from aigid.training.mirage import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.train_unigendet import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, train_gduf
-from aigid.train_unigendet_diga import train_diga
+from aigid.training.unigendet.gduf import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, train_gduf
+from aigid.training.unigendet.diga import train_diga
 
 WORLD = 2
 STEPS = 4
@@ -50,9 +50,9 @@ def _rank_items(step: int, rank: int, world: int):
 
 # ---- the worker (one torchrun rank) ---------------------------------------------------------
 def _worker(args: argparse.Namespace) -> None:
-    from aigid import dist
-    from aigid.dist import latest_checkpoint
-    from aigid.train_unigendet import RunOptions, build_sharded, build_teacher, export_pretrained
+    from aigid.training import dist
+    from aigid.training.dist import latest_checkpoint
+    from aigid.training.unigendet.gduf import RunOptions, build_sharded, build_teacher, export_pretrained
 
     torch.set_num_threads(1)
     ctx = dist.init()

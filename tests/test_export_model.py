@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from aigid.export_model import export_model
+from aigid.export.onnx import export_model
 from aigid.models.mirage import MiraGe
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 

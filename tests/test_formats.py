@@ -19,7 +19,7 @@ from PIL import Image, features
 import aigid
 from aigid.data import images as images_mod
 from aigid.data.sources import image_format
-from aigid.scan import scan
+from aigid.scanning.local import scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -86,7 +86,7 @@ def test_a_pack_of_only_generation_tokens_uses_only_the_generation_expert(one_th
     expert shortcut taking the wrong branch). Mirror of the understanding-only test in
     test_mot.py: every ``*_moe_gen`` weight gets a gradient, no understanding weight does."""
     from aigid.models.unigendet.mot import MoTConfig, MoTForCausalLM
-    from aigid.packing import PackedLayout, Split
+    from aigid.ops.packing import PackedLayout, Split
 
     cfg = MoTConfig.named("tiny")
     lm = MoTForCausalLM(cfg).double()
@@ -109,8 +109,8 @@ def test_diga_total_is_flow_plus_lambda_alignment(one_thread):
     must be L_flow + λ·L_align: λ=0 gives the flow loss, changing λ moves the total by exactly
     Δλ·L_align, and the alignment head's gradient scales with λ."""
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-    from aigid.train_unigendet import DIGAConfig, GenerationItem
-    from aigid.train_unigendet_diga import diga_losses, make_teacher
+    from aigid.training.unigendet.gduf import DIGAConfig, GenerationItem
+    from aigid.training.unigendet.diga import diga_losses, make_teacher
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1

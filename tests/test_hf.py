@@ -105,7 +105,7 @@ def test_pipeline_gives_predicts_p_fake_with_id2label(mirage_dir):
     pipeline's labels falling back to LABEL_0/LABEL_1, or preprocessing unlike predict's."""
     pytest.importorskip("transformers")
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
     folder, model = mirage_dir
     clf = pipeline("image-classification", model=AigidForImageClassification.from_pretrained(folder),
                    image_processor=AigidImageProcessor.from_pretrained(folder))
@@ -126,7 +126,7 @@ def test_pipeline_loads_a_folder_by_path_and_never_a_hub_id(mirage_dir, monkeypa
     reaches the network instead of failing at once."""
     pytest.importorskip("transformers")
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
     folder, model = mirage_dir
     clf = pipeline("image-classification", model=str(folder),
                    image_processor=AigidImageProcessor.from_pretrained(folder))
@@ -147,7 +147,7 @@ def test_pipeline_runs_unigendet(tmp_path):
     [real, fake]."""
     pytest.importorskip("transformers")
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
     model = UniGenDet(UniGenDetConfig.named("tiny"), seed=0).eval()
     model.save_pretrained(tmp_path)
     clf = pipeline("image-classification", model=AigidForImageClassification.from_pretrained(tmp_path),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from aigid.metrics import average_precision, binary_metrics, equal_error_rate, roc_auc
+from aigid.evaluation.metrics import average_precision, binary_metrics, equal_error_rate, roc_auc
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -34,7 +34,7 @@ def test_perfect_and_inverted_scores():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_oracle_accuracy_is_the_best_threshold_by_brute_force(seed):
-    from aigid.metrics import oracle_accuracy
+    from aigid.evaluation.metrics import oracle_accuracy
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 40)
@@ -46,7 +46,7 @@ def test_oracle_accuracy_is_the_best_threshold_by_brute_force(seed):
 
 
 def test_oracle_accuracy_inverted_scores_calls_everything_real_when_best():
-    from aigid.metrics import oracle_accuracy
+    from aigid.evaluation.metrics import oracle_accuracy
 
     acc, threshold = oracle_accuracy([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.1])
     assert acc == 0.75 and threshold >= 0.9  # nothing is above it

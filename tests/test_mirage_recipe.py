@@ -11,7 +11,7 @@ from PIL import Image
 
 from aigid.data.transforms import eval_transform, is_variable_size, train_transform
 from aigid.models.mirage import MiraGe
-from aigid.train import TrainConfig, build_model, scheduled_lr, train
+from aigid.training.mirage import TrainConfig, build_model, scheduled_lr, train
 
 
 def _first_block_input(blocks):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from aigid.models import checkpoint as ckpt
 from aigid.models.unigendet.mot import MoTConfig, MoTForCausalLM, MoTModel
 from aigid.models.unigendet.rope import RotaryEmbedding, apply_rotary
-from aigid.packing import PackedLayout, Split
+from aigid.ops.packing import PackedLayout, Split
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -27,7 +27,7 @@ if importlib.util.find_spec("transformers") is None:
 import transformers  # noqa: E402
 
 from aigid.models.unigendet.mot import KVCache, MoTConfig, MoTForCausalLM  # noqa: E402
-from aigid.packing import PackedLayout, Split  # noqa: E402
+from aigid.ops.packing import PackedLayout, Split  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

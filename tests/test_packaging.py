@@ -55,7 +55,7 @@ import kernels
 out = {"kernels_file": getattr(kernels, "__file__", None)}
 from diffusers import AutoencoderKL
 if sys.argv[1] == "1":
-    import aigid.hf
+    import aigid.export.hf
 import aigid, aigid.kernels.reference as ref
 out["aigid"] = aigid.__file__
 out["reference"] = ref.__file__
@@ -81,7 +81,7 @@ def test_helper_modules_on_sys_path_shadow_nothing_installed_or_stdlib():
 
 
 def test_repo_root_python_imports_installed_kernels_diffusers_hf_and_ours():
-    """Catches the shadowing itself, as users meet it: from the repo root, diffusers' VAE, aigid.hf
+    """Catches the shadowing itself, as users meet it: from the repo root, diffusers' VAE, aigid.export.hf
     (transformers) and aigid.kernels import together, and ``kernels`` is Hugging Face's."""
     with_hf = importlib_available("transformers")
     out = json.loads(_run([sys.executable, "-c", _PROBE, "1" if with_hf else "0"], cwd=ROOT))

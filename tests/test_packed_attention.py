@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from aigid import backends, ops
 from aigid.kernels.reference import packed_attention_reference
-from aigid.packing import PackedLayout, Split
+from aigid.ops.packing import PackedLayout, Split
 from test_packing import random_samples
 
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from aigid.packing import KINDS, PackedLayout, Split
+from aigid.ops.packing import KINDS, PackedLayout, Split
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

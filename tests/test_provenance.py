@@ -21,8 +21,8 @@ import aigid
 from aigid.data.decode_cpu import Chunk, Meta, ScanDataset
 from aigid.provenance import evidence_json, provenance_of, read_evidence
 from aigid.provenance import xmp as xmp_mod
-from aigid.scan import scan, scan_to_store
-from aigid.store import APPLICATION_ID, SCHEMA_VERSION, ResultRow, ResultStore
+from aigid.scanning.local import scan, scan_to_store
+from aigid.scanning.store import APPLICATION_ID, SCHEMA_VERSION, ResultRow, ResultStore
 
 DST = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 C2PA_UUID = b"c2pa" + bytes.fromhex("0011001080000AA00389B71".rjust(24, "0"))

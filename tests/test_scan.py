@@ -10,8 +10,8 @@ import aigid
 from adversarial_corpus import build_corpus, build_list_file
 from aigid.cli import main
 from aigid.models.mirage import MiraGe, MiraGeConfig
-from aigid.scan import model_id, scan, scan_to_store
-from aigid.store import ResultStore
+from aigid.scanning.local import model_id, scan, scan_to_store
+from aigid.scanning.store import ResultStore
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from PIL import Image
 import aigid
 from adversarial_corpus import build_corpus
 from test_provenance import DST, _jpeg, _text_png, _xmp
-from aigid.fingerprint import detector_layout, identity_of_folder, model_id_of_folder
+from aigid.scanning.fingerprint import detector_layout, identity_of_folder, model_id_of_folder
 from aigid.models.mirage import MiraGe, MiraGeConfig
-from aigid.scan import model_id, scan_to_store
-from aigid.store import ResultStore
+from aigid.scanning.local import model_id, scan_to_store
+from aigid.scanning.store import ResultStore
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def _counted(summary: dict) -> dict:
 
 
 def test_folder_fingerprint_equals_model_id(det_dir, tmp_path):
-    """Catches a files-only fingerprint that drifts from ``aigid.scan.model_id`` (a config key
+    """Catches a files-only fingerprint that drifts from ``aigid.scanning.local.model_id`` (a config key
     dropped, the backbone's ``clip.`` prefix lost, tensors in another order): local and Ray scans
     of one store would then resume under two ids and score everything twice."""
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
@@ -127,7 +127,7 @@ def test_archives_are_cut_into_even_slices_and_done_ids_left_out(tmp_path):
     """Catches an archive handed whole to one task (the issue's twelve shards on one actor), a
     compressed tar cut into slices that would each decompress it again, and resume that reads
     done members anyway."""
-    from aigid.scan_ray_stages import DoneSet, done_keys, expand, id_bytes, walk
+    from aigid.scanning.ray_stages import DoneSet, done_keys, expand, id_bytes, walk
 
     _shards(tmp_path, n_shards=1, per_shard=10, loose=5)
     with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as tf:
@@ -165,7 +165,7 @@ def test_archives_are_cut_into_even_slices_and_done_ids_left_out(tmp_path):
 def test_done_set_is_exact():
     """Catches a done set that misses stored ids (numpy's bytes scalars drop a key's trailing
     NUL bytes: one key in 256 would never match, so resume rescored it) or matches new ones."""
-    from aigid.scan_ray_stages import DoneSet, done_keys
+    from aigid.scanning.ray_stages import DoneSet, done_keys
 
     rng = np.random.default_rng(0)
     ids = [bytes(rng.integers(0, 256, 24, dtype=np.uint8)) for _ in range(3000)]
@@ -176,7 +176,7 @@ def test_done_set_is_exact():
 
 
 def t_schema():
-    from aigid.scan_ray_stages import SLICE
+    from aigid.scanning.ray_stages import SLICE
     return SLICE
 
 
@@ -205,7 +205,7 @@ class StandIn:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from aigid.scan_ray_stages import SCORED
+        from aigid.scanning.ray_stages import SCORED
 
         started = time.perf_counter()
         time.sleep(self.latency)
@@ -221,7 +221,7 @@ def test_shards_and_a_folder_spread_over_three_actors(local_ray, det_dir, tmp_pa
     """Catches work that does not spread (the issue: every shard in one block, so one actor
     scored all twelve) and a decode stage fused back into the scoring actors (decoding would
     then hold the GPU's actor and CPU-only nodes could not help)."""
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
 
     total = _shards(tmp_path / "data")
     summary = scan_ray([tmp_path / "data"], str(det_dir), out=tmp_path / "ray.sqlite",
@@ -245,8 +245,8 @@ def test_killed_scan_resumes_with_what_was_stored(local_ray, det_dir, tmp_path, 
     after two committed blocks; the rerun must skip exactly the stored rows and end with the
     single-machine scan's table item for item (ids, hashes, sizes, errors, scores) over shards,
     loose files and the adversarial corpus (broken archives, links, non-UTF-8 names)."""
-    import aigid.scan_ray as sr
-    from aigid.scan_ray import scan_ray
+    import aigid.scanning.ray as sr
+    from aigid.scanning.ray import scan_ray
 
     total = _shards(tmp_path / "data", n_shards=4, per_shard=5, loose=6)
     total += len(build_corpus(tmp_path / "data" / "corpus"))  # broken archives, links, ...
@@ -291,7 +291,7 @@ def test_parquet_folder_written_by_the_cluster_and_resumed(local_ray, det_dir, t
     ``declared_*`` keys (as ``aigid.scan``): catches a Parquet path that always counts."""
     import pyarrow.parquet as pq
 
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
 
     total = _shards(tmp_path / "data", n_shards=2, per_shard=3, loose=3)
     (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
@@ -353,7 +353,7 @@ def test_summary_counts_match_the_local_scan_in_both_outputs(local_ray, det_dir,
     import pyarrow.parquet as pq
 
     from aigid.provenance import provenance_of
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
 
     data = tmp_path / "data"
     _declared_corpus(data)

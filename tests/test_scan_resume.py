@@ -16,8 +16,8 @@ from PIL import Image
 import aigid
 import aigid.data.decode_cpu as decode_cpu
 from aigid.models.mirage import MiraGe, MiraGeConfig
-from aigid.scan import model_id, scan, scan_to_store
-from aigid.store import ResultStore
+from aigid.scanning.local import model_id, scan, scan_to_store
+from aigid.scanning.store import ResultStore
 
 N_GOOD, N_BAD = 192, 8
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from aigid.store import COLUMNS, DoneFilter, ResultRow, ResultStore, display_id, encode_id
+from aigid.scanning.store import COLUMNS, DoneFilter, ResultRow, ResultStore, display_id, encode_id
 
 NONUTF8 = os.fsdecode(b"/data/caf\xe9.jpg")  # what os.fsdecode makes of a Latin-1 file name
 

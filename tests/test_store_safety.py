@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import aigid
-from aigid.scan import model_id, scan, scan_to_store
-from aigid.store import (APPLICATION_ID, SCHEMA_VERSION, ResultStore, StoreError,
+from aigid.scanning.local import model_id, scan, scan_to_store
+from aigid.scanning.store import (APPLICATION_ID, SCHEMA_VERSION, ResultStore, StoreError,
                          StoreLockedError)
 
 N_GOOD = 8
@@ -216,7 +216,7 @@ def test_second_writer_is_refused_until_the_first_closes(detector, images, tmp_p
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from aigid.store import ResultStore
+    from aigid.scanning.store import ResultStore
     store = ResultStore(sys.argv[1])
     print("ready", flush=True)
     time.sleep(600)

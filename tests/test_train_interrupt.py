@@ -19,7 +19,7 @@ from safetensors import safe_open
 import aigid
 import aigid.models.mirage.model as mirage_model
 from aigid.models.mirage import MiraGe
-from aigid.train import TrainConfig, train
+from aigid.training.mirage import TrainConfig, train
 
 # 8 images, batch 4: 2 steps an epoch; 4 epochs with one of warmup cross epoch boundaries and the
 # warmup/cosine switch, and the bank (64) keeps every past batch, so all of it must be restored.

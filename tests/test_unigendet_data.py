@@ -216,7 +216,7 @@ def test_runner_trains_tiny_gduf_then_diga_and_writes_logs_summary_and_model(tmp
     """Catches: the stream's packs not matching what train_gduf/train_diga take, logs or summary
     missing steps or counts, and a saved folder that does not load with the trained weights."""
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-    from aigid.train_unigendet_run import run_unigendet_training
+    from aigid.training.unigendet.run import run_unigendet_training
 
     (data / "data.json").write_text(json.dumps({
         "detection": {"path": ["det.json", "det.jsonl"], "image_root": "images"},

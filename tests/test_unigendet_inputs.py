@@ -100,8 +100,8 @@ def test_text_verdict_parses_the_greedy_answer_to_the_evaluation_prompt(tiny, mo
 
 
 def test_scan_and_eval_record_an_unparsed_answer_as_an_error(tiny, tmp_path, monkeypatch):
-    from aigid.evaluate import evaluate
-    from aigid.scan import NO_VERDICT, scan_to_store
+    from aigid.evaluation.runner import evaluate
+    from aigid.scanning.local import NO_VERDICT, scan_to_store
     for cls in ("real", "fake"):
         (tmp_path / "data" / cls).mkdir(parents=True)
         for i in range(2):

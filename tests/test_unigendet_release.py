@@ -55,7 +55,7 @@ def test_a_headless_base_refuses_to_score_unless_random_heads_are_allowed(tmp_pa
 
 
 def test_scan_of_a_headless_base_fails_before_reading_anything(tmp_path):
-    from aigid.scan import scan_to_store
+    from aigid.scanning.local import scan_to_store
     _, folder = _base_folder(tmp_path)
     (tmp_path / "imgs").mkdir()
     with pytest.raises(MissingHeadError):

@@ -7,10 +7,10 @@ import torch
 
 from aigid import backends
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.train_unigendet import (EMA, DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, _optimizer,
+from aigid.training.unigendet.gduf import (EMA, DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, _optimizer,
                                    _scheduler, detection_batch, gduf_losses, generation_batch, mixed_batches,
                                    train_gduf, warmup_factor)
-from aigid.train_unigendet_diga import (DIGA_CODE_PROMPT, diga_alignment, diga_layer_index, diga_losses,
+from aigid.training.unigendet.diga import (DIGA_CODE_PROMPT, diga_alignment, diga_layer_index, diga_losses,
                                         diga_trainable_names, make_teacher, teacher_inputs, teacher_targets,
                                         train_diga)
 

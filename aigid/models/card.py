@@ -158,7 +158,7 @@ def _calibration(cfg: Any) -> tuple[list[str], str]:
     stored = getattr(cfg, "calibration", None)
     if not stored:
         return [], _UNCALIBRATED
-    from aigid.calibration import Calibration, stored_threshold
+    from aigid.models.calibration import Calibration, stored_threshold
 
     cal = Calibration.from_dict(stored)
     if cal.method == "temperature":
@@ -171,12 +171,12 @@ def _calibration(cfg: Any) -> tuple[list[str], str]:
     lines = ["## Calibration", "",
              "Scores are calibrated: `detector.predict` returns calibrated P(fake) (fitted by "
              "`aigid calibrate` and stored in `config.json` under `calibration`), and so do the "
-             "transformers pipeline (`aigid.hf`)"
+             "transformers pipeline (`aigid.export.hf`)"
              + (" and graphs written by `aigid export-model`" if cfg.arch == "mirage" else "")
              + "; `predict(..., calibrated=False)` gives the raw softmax.", "",
              f"- method: {method}",
              f"- threshold: {stored_threshold(cfg):.6g} (fake when P(fake) > threshold; "
-             f"`detector.threshold`, `config.aigid_threshold` in `aigid.hf`), rule {_rule(cal.rule)}",
+             f"`detector.threshold`, `config.aigid_threshold` in `aigid.export.hf`), rule {_rule(cal.rule)}",
              f"- fitted on: {_fitted_on(cal.fitted_on)}"]
     if cfg.arch == "unigendet":
         lines.append("- applies to the detection head's scores (`verdict=\"head\"`); text verdicts "
@@ -227,7 +227,7 @@ def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
            "p_fake = detector.predict([\"image.jpg\"])", "```", "",
            "With transformers (`pip install aigid[hf]`): `pipeline(\"image-classification\", "
            "model=AigidForImageClassification.from_pretrained(folder), "
-           "image_processor=AigidImageProcessor.from_pretrained(folder))` (from `aigid.hf`).", "",
+           "image_processor=AigidImageProcessor.from_pretrained(folder))` (from `aigid.export.hf`).", "",
            "## Intended use", "",
            "Screening images for likely AI generation, with a human reviewing what it flags and the "
            "threshold chosen on data like yours. Not proof of origin; not for decisions about a "

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aigid import ops
-from aigid.calibration import calibrate_scores, stored_threshold
+from aigid.models.calibration import calibrate_scores, stored_threshold
 from aigid.data.transforms import Errors, ImageInput, eval_transform, prepare, to_pixels
 from aigid.models.card import drop_hf_fields, hf_fields, write_model_card
 from aigid.models.checkpoint import save_state_dict
@@ -57,7 +57,7 @@ class MiraGeConfig:
     # for UnivFD-style crop-only); None keeps the backbone's (resize shortest side + crop).
     preprocess: Optional[dict[str, Any]] = None
     sources: dict[str, str] = field(default_factory=dict)  # provenance notes, not used by the model
-    # aigid.calibration.Calibration.to_dict() (``aigid calibrate``): predict's calibration and
+    # aigid.models.calibration.Calibration.to_dict() (``aigid calibrate``): predict's calibration and
     # the stored threshold; None = raw scores, threshold 0.5.
     calibration: Optional[dict[str, Any]] = None
     arch: str = "mirage"
@@ -135,7 +135,7 @@ class MiraGe(nn.Module):
                       ) -> dict[str, torch.Tensor]:
         """L_ce + α·L_dis on one batch; pushes the batch's embeddings into the bank afterwards.
 
-        ``gather`` (data-parallel training, ``aigid.dist_gather.gatherer``) concatenates every
+        ``gather`` (data-parallel training, ``aigid.training.gather.gatherer``) concatenates every
         rank's rows in rank order, gradients flowing back to this rank's: CE (averaged over the
         global batch), the SupCon pool and the bank push then see the global batch, so every
         rank computes the loss one process would with it, and keeps the same bank. A rank whose

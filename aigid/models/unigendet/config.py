@@ -69,7 +69,7 @@ class UniGenDetConfig:
     preprocess: dict[str, Any] = field(default_factory=lambda: {
         "size": 512, "max_size": 1024, "stride": 16, "resize_mode": "bagel", "interpolation": "bicubic",
         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
-    # aigid.calibration.Calibration.to_dict() (``aigid calibrate``): calibrates verdict="head"
+    # aigid.models.calibration.Calibration.to_dict() (``aigid calibrate``): calibrates verdict="head"
     # scores (never the text verdict's 1/0) and holds the stored threshold; None = raw, 0.5.
     calibration: Optional[dict[str, Any]] = None
     arch: str = "unigendet"

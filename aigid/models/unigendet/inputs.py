@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from aigid.models.unigendet.tokenizer import Tokenizer
-from aigid.packing import PackedLayout, Split
+from aigid.ops.packing import PackedLayout, Split
 
 __all__ = ["DetInputs", "GenInputs", "PackOutput", "Generated", "PackBuilder"]
 

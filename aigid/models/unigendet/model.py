@@ -61,7 +61,7 @@ from aigid.models.unigendet.vae import decode_latents as vae_decode
 from aigid.models.unigendet.vae import encode_latents as vae_encode
 from aigid.models.unigendet.siglip import SigLIPVisionModel, position_ids
 from aigid.models.unigendet.tokenizer import Tokenizer, build_tokenizer
-from aigid.packing import PackedLayout
+from aigid.ops.packing import PackedLayout
 
 __all__ = ["UniGenDetConfig", "UniGenDet", "DetInputs", "GenInputs", "PackOutput", "Generated",
            "FAKE_CLASS", "REAL_CLASS", "fake_label_to_class", "detection_loss", "patchify_latents",
@@ -423,14 +423,14 @@ class UniGenDet(nn.Module):
             scores = torch.tensor([float("nan") if v is None else float(v) for v in labels])
         scores = prep.scatter(scores)
         if calibrated and verdict == "head":
-            from aigid.calibration import calibrate_scores
+            from aigid.models.calibration import calibrate_scores
             scores = calibrate_scores(self.config, scores)
         return (scores, prep.errors) if return_errors else scores
 
     @property
     def threshold(self) -> float:
         """Label = fake when P(fake) > this: the threshold stored by ``aigid calibrate``, else 0.5."""
-        from aigid.calibration import stored_threshold
+        from aigid.models.calibration import stored_threshold
         return stored_threshold(self.config)
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """BAGEL's Mixture-of-Transformers language backbone (Qwen2 layout, two experts per layer).
 
 One flat packed sequence of T tokens (text, SigLIP ViT tokens, VAE latent tokens of several
-samples; see :mod:`aigid.packing`) runs through every layer. Each layer has two experts with their
+samples; see :mod:`aigid.ops.packing`) runs through every layer. Each layer has two experts with their
 own weights — the *understanding* expert for text + ViT tokens and the *generation* expert
 (``*_moe_gen``) for VAE tokens — and one shared attention over the whole pack
 (:func:`aigid.ops.packed_attention`: samples isolated, text causal, image splits full, hidden
@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from aigid import ops
 from aigid.models.configs import shipped_config
 from aigid.models.unigendet.rope import RMSNorm, RotaryEmbedding, apply_rotary
-from aigid.packing import PackedLayout
+from aigid.ops.packing import PackedLayout
 
 __all__ = ["MoTConfig", "MoTAttention", "MoTMLP", "MoTLayer", "MoTModel", "MoTOutput", "MoTForCausalLM",
            "KVCache"]

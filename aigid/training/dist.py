@@ -90,7 +90,7 @@ def init(backend: Optional[str] = None, device_type: Optional[str] = None) -> Di
     mesh = init_device_mesh(device_type, (world // local_world, local_world),
                             mesh_dim_names=("replicate", "shard"))
     ctx = DistContext(rank, world, local_rank, local_world, device, mesh)
-    log.info("aigid.dist: rank %d/%d (node %d of %d, local rank %d), %s, backend %s", rank, world,
+    log.info("aigid.training.dist: rank %d/%d (node %d of %d, local rank %d), %s, backend %s", rank, world,
              rank // local_world, ctx.nnodes, local_rank, device, tdist.get_backend())
     return ctx
 

@@ -1,6 +1,6 @@
 """The evaluation protocol: per-generator and overall acc, real/fake acc, AP, AUROC, EER, the
 calibration of P(fake) (ECE, Brier), accuracy at the detector's stored threshold; ``calibrate``
-fits that calibration and threshold on a held-out split (``aigid.calibration``).
+fits that calibration and threshold on a held-out split (``aigid.models.calibration``).
 
 Results carry what is needed to reproduce them (the preprocessing, sample counts, the files
 that could not be read and why), since mismatched preprocessing is the first cause of
@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from aigid import calibration
+from aigid.models import calibration
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import LabelledImage, discover
 from aigid.data.perturb import Perturbation, compose, parse_sweep
 from aigid.data.transforms import eval_transform
-from aigid.metrics import _roc, binary_metrics, is_fake, oracle_accuracy
+from aigid.evaluation.metrics import _roc, binary_metrics, is_fake, oracle_accuracy
 
 log = logging.getLogger("aigid")
 NO_VERDICT = "no verdict: the generated answer says neither real nor fake"
@@ -122,7 +122,7 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
     Returns ``{"overall": {...}, "per_generator": {gen: {...}}, "mean_over_generators": {...},
     "errors": [...], "protocol": {...}}``; NaN metrics (e.g. AUROC with one class) become None.
     A score counts as fake when ``score > threshold`` (UnivFD's, SIDBench's and DeepfakeBench's
-    rule; see ``aigid.metrics``); EER is DeepfakeBench's. ``oracle_acc`` (with its
+    rule; see ``aigid.evaluation.metrics``); EER is DeepfakeBench's. ``oracle_acc`` (with its
     ``oracle_threshold`` and per-class ``oracle_real_acc``/``oracle_fake_acc``), overall and per
     generator, is the accuracy at the best threshold chosen *on these labels* (the number
     UnivFD/SIDBench print): an oracle, not a deployable figure.
@@ -134,7 +134,7 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
 
     ``robustness`` ("sidbench", "jpeg90,blur2", or a list) re-scores the same images under each
     perturbation and adds ``{"robustness": {name: {"overall", "per_generator",
-    "mean_over_generators"}}}``, at both thresholds. ``aigid.eval_formats.write_report`` writes
+    "mean_over_generators"}}}``, at both thresholds. ``aigid.evaluation.formats.write_report`` writes
     the result in UnivFD's, SIDBench's or DeepfakeBench's files. ``plots_dir``: write
     ``roc.png`` and ``reliability.png`` there (overall; needs matplotlib, the ``plots`` extra).
     """
@@ -220,7 +220,7 @@ def calibrate(detector, data: Union[str, Sequence[LabelledImage]], split: Option
     """Fit ``method`` ("temperature" or "isotonic") on the raw scores of a labelled held-out set
     and choose the threshold (for ``target_fpr`` on the reals, for ``balanced`` accuracy, or
     0.5); store both in ``detector.config.calibration`` (``save_pretrained`` or
-    ``aigid.calibration.save_calibration`` keeps them). Returns the report: ECE and Brier before
+    ``aigid.models.calibration.save_calibration`` keeps them). Returns the report: ECE and Brier before
     and after, the threshold with its rule, its FPR and TPR on this set, the skipped files.
 
     UniGenDet: only the head's P(fake) is calibrated; a detector set to answer in text refuses.

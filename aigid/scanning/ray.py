@@ -1,6 +1,6 @@
 """``scan_ray``: ``aigid.scan`` spread over a Ray cluster (``pip install aigid[dist]``).
 
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
     summary = scan_ray(["/shared/shards/"], "runs/mirage", out="results.sqlite",
                        address="auto", max_actors=8)
 
@@ -13,7 +13,7 @@ its own, ``decode`` reads, hashes, decodes and preprocesses a slice of ``items_p
 or members per task (``decode_cpus`` each: CPU-only nodes decode for GPU nodes), and the scoring
 actors (``min_actors``..``max_actors``, ``gpus_per_actor`` each, the detector loaded once per
 actor on its own device) take blocks of ``batch_size`` images. The stages' code is in
-``aigid.scan_ray_stages``; ``repartition(target_num_rows_per_block=...)`` between them sets how
+``aigid.scanning.ray_stages``; ``repartition(target_num_rows_per_block=...)`` between them sets how
 work is cut (one archive, one slice, one full model batch a block) and, with the batch sizes,
 keeps Ray from fusing stages (the decode stage into the actors, or every stage into the walk).
 
@@ -21,13 +21,13 @@ Results: with ``out`` a results file, the driver is the only writer of the SQLit
 transaction per block received, rows carry the run id), exactly as ``aigid.scan`` writes it, so
 resume, exports and ``aigid scan`` over the same file all agree. With ``out`` a folder (or an
 ``s3://``-style URI, or a path ending in ``/``), the cluster writes Parquet files there
-(``aigid.store.COLUMNS`` plus ``run``) and the driver touches no result.
+(``aigid.scanning.store.COLUMNS`` plus ``run``) and the driver touches no result.
 
 Resume: the ids already stored for this detector (errors too, unless ``retry_errors``) are put in
 the object store as a sorted array of 16-byte keys (``scan_ray_stages.DoneSet``); ``walk`` and
 ``expand`` leave them out where they enumerate, so done files are never read and done members
-never fetched. The detector is identified from its folder's files (``aigid.fingerprint``: the
-same id as ``aigid.scan.model_id``, no model built on the driver); a folder that does not hold
+never fetched. The detector is identified from its folder's files (``aigid.scanning.fingerprint``: the
+same id as ``aigid.scanning.local.model_id``, no model built on the driver); a folder that does not hold
 its whole state dict is fingerprinted by one Ray task that loads it on a worker.
 
 Summary: the keys of ``aigid.scan``'s with the same meaning. ``skipped`` (done ids left out) and
@@ -53,7 +53,7 @@ import uuid
 from collections import Counter
 from typing import Any, Optional, Sequence, Union
 
-from aigid.store import ResultRow, ResultStore, check_threshold, decode_id, display_id, label_of
+from aigid.scanning.store import ResultRow, ResultStore, check_threshold, decode_id, display_id, label_of
 
 __all__ = ["scan_ray"]
 
@@ -82,9 +82,9 @@ def is_folder_out(out: PathArg) -> bool:
 
 
 def _identity_task(folder: str) -> tuple[str, str, dict, dict]:
-    from aigid.fingerprint import detector_layout
+    from aigid.scanning.fingerprint import detector_layout
     from aigid.models.registry import load_detector
-    from aigid.scan import _config_dict, model_id
+    from aigid.scanning.local import _config_dict, model_id
 
     detector = load_detector(folder)
     return model_id(detector), detector_layout(detector), _config_dict(detector), \
@@ -92,7 +92,7 @@ def _identity_task(folder: str) -> tuple[str, str, dict, dict]:
 
 
 def _identity(ray, folder: str) -> tuple[str, Optional[str], dict, dict]:
-    from aigid.fingerprint import identity_of_folder
+    from aigid.scanning.fingerprint import identity_of_folder
 
     found = identity_of_folder(folder) if os.path.isdir(folder) else None
     if found is not None:
@@ -105,7 +105,7 @@ def _identity(ray, folder: str) -> tuple[str, Optional[str], dict, dict]:
 
 
 def _sqlite_done(store: ResultStore, model: str, include_errors: bool):
-    from aigid.scan_ray_stages import done_keys, id_bytes
+    from aigid.scanning.ray_stages import done_keys, id_bytes
 
     sql = "SELECT id FROM results WHERE model=?" + ("" if include_errors else " AND error IS NULL")
     return done_keys(id_bytes(decode_id(v)) for (v,) in store.conn.execute(sql, (model,)))
@@ -131,7 +131,7 @@ def _parquet_tables(out: str, columns: list[str], filter=None):
 def _parquet_done(out: str, model: str, include_errors: bool):
     import pyarrow.compute as pc
 
-    from aigid.scan_ray_stages import done_keys, id_bytes
+    from aigid.scanning.ray_stages import done_keys, id_bytes
 
     cond = pc.field("model") == model
     if not include_errors:
@@ -162,7 +162,7 @@ def _declared() -> dict[str, int]:
 def _count_declared(recs: list[dict], threshold: Optional[float], declared: dict[str, int]) -> None:
     """``aigid.scan._count_declared`` over rows (``score``, ``evidence``, and ``label`` or the
     ``threshold`` to derive it), so both scanners count by one rule."""
-    from aigid.scan import ScanResult, _count_declared as count
+    from aigid.scanning.local import ScanResult, _count_declared as count
 
     def label(r: dict) -> Optional[int]:
         if threshold is None:
@@ -211,7 +211,7 @@ def build_dataset(paths: Sequence[PathArg], detector: str, *, preprocess: dict[s
     swap in a stand-in with the same constructor)."""
     import ray.data
 
-    from aigid.scan_ray_stages import DoneSet, Scorer, decode, expand, id_bytes, walk
+    from aigid.scanning.ray_stages import DoneSet, Scorer, decode, expand, id_bytes, walk
 
     done = done if done is not None else DoneSet()
     listing = {"items_per_task": items_per_task, "done": done, "tally": tally, "sniff": sniff}
@@ -320,7 +320,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
     detector_dir = os.fspath(detector_dir)
     model, layout, config, preprocess = _identity(ray, detector_dir)
     if threshold is None:  # the detector's stored threshold (aigid calibrate), as aigid.scan
-        from aigid.calibration import stored_threshold
+        from aigid.models.calibration import stored_threshold
         threshold = stored_threshold(config)
     threshold = check_threshold(threshold)
     pool = {"batch_size": batch_size, "items_per_task": items_per_task, "decode_cpus": decode_cpus,
@@ -333,7 +333,7 @@ def scan_ray(paths: Union[PathArg, Sequence[PathArg]], detector_dir: PathArg, *,
         return _to_parquet(ray, paths, detector_dir, os.fspath(out), model, pool, resume,
                            retry_errors, threshold, rows_per_file, _scorer)
 
-    from aigid.scan_ray_stages import DoneSet
+    from aigid.scanning.ray_stages import DoneSet
 
     started = time.perf_counter()
     counts = {"scored": 0, "errors": 0}
@@ -400,7 +400,7 @@ def _to_parquet(ray, paths, detector_dir, out, model, pool, resume, retry_errors
     """The Parquet path: the cluster writes the files; the driver counts this run's rows after."""
     import pyarrow.compute as pc
 
-    from aigid.scan_ray_stages import DoneSet
+    from aigid.scanning.ray_stages import DoneSet
 
     started = time.perf_counter()
     run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,7 @@
 """UniGenDet's first training stage, GDUF (joint detection/explanation/generation), and what both
 stages share: the items, the configs (:class:`GDUFConfig`, :class:`DIGAConfig`), the batches, the
 optimisation loop, checkpoints. The second stage, DIGA (its teacher, alignment loss and
-``train_diga``), is :mod:`aigid.train_unigendet_diga`.
+``train_diga``), is :mod:`aigid.training.unigendet.diga`.
 
 GDUF: ``L = λ_det·L_det + λ_exp·L_exp + λ_fm·L_fm`` on batches of detection and generation
 samples packed into one sequence (BAGEL's way). L_det is the 2-logit head's CE (a BCE on the
@@ -16,11 +16,11 @@ the code (``train/pretrain_unified_navit_gduf.py``, ``scripts/train/train_GDUF.s
 source drawn at random, FakeClue (detection/explanation) 5 : t2i (generation) 1
 (:func:`mixed_batches`).
 
-Distributed (``torchrun``, :mod:`aigid.dist`): :func:`build_sharded` builds the model on the meta
+Distributed (``torchrun``, :mod:`aigid.training.dist`): :func:`build_sharded` builds the model on the meta
 device, ``fully_shard``s every MoT decoder layer and SigLIP encoder layer and then the root on the
 ``(replicate, shard)`` mesh (hybrid sharding; bf16 compute with fp32 gradient reduction on CUDA),
 and loads the weights read by rank 0. Both trainers (:func:`train_gduf` here, ``train_diga`` in
-:mod:`aigid.train_unigendet_diga`) take ``run=RunOptions(ctx, checkpoint_dir, ...)``. Every loss
+:mod:`aigid.training.unigendet.diga`) take ``run=RunOptions(ctx, checkpoint_dir, ...)``. Every loss
 is a sum over this rank's samples/tokens divided by the count summed over all ranks, and every
 random draw (VAE posterior seeds, timesteps, noise, CFG drop) is drawn for the whole global batch
 on every rank and sliced: N ranks × local batch b reproduce one process with the concatenated
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from aigid import backends
-from aigid import dist as adist
-from aigid.dist import DistContext
+from aigid.training import dist as adist
+from aigid.training.dist import DistContext
 from aigid.models.unigendet import DetInputs, GenInputs, UniGenDet, flow, patchify_latents
 from aigid.models.unigendet.model import fake_label_to_class
-from aigid.train_unigendet_shard import (build_sharded, build_teacher, export_pretrained,  # noqa: F401
+from aigid.training.unigendet.shard import (build_sharded, build_teacher, export_pretrained,  # noqa: F401
                                          full_tensor, is_dtensor, is_sharded, shard_unigendet)
 
 __all__ = ["DetectionItem", "GenerationItem", "GDUFConfig", "DIGAConfig", "gduf_losses", "train_gduf",
@@ -423,11 +423,11 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: GDUFConfig) -> torch.optim.lr_sc
 class RunOptions:
     """How a stage runs beyond one process's plain loop (every field optional).
 
-    ``ctx``: the torchrun context (:func:`aigid.dist.init`); the model must then come from
+    ``ctx``: the torchrun context (:func:`aigid.training.dist.init`); the model must then come from
     :func:`build_sharded`. ``checkpoint_dir`` / ``checkpoint_every``: a DCP checkpoint every that
     many optimizer steps (and after the last); with ``resume`` the newest complete one under
     ``checkpoint_dir`` is loaded first and training continues from its step — the caller reads
-    its data position with ``aigid.dist.latest_checkpoint(dir)[1]["data"]`` and hands in the
+    its data position with ``aigid.training.dist.latest_checkpoint(dir)[1]["data"]`` and hands in the
     batches that follow it. ``data_state``: called at each checkpoint, a JSON-able dict saved
     beside it (the data position)."""
     ctx: Optional[DistContext] = None
@@ -552,8 +552,8 @@ def train_gduf(model: UniGenDet, batches: Iterable[tuple[Sequence[DetectionItem]
     return _run(model, batches, cfg, lambda b, g: gduf_losses(model, b[0], b[1], cfg, g, ctx=ctx), log, run, "gduf")
 
 
-# ---- DIGA: aigid.train_unigendet_diga ----------------------------------------------------------
-# Its names still resolve here (``from aigid.train_unigendet import train_diga``), imported on first
+# ---- DIGA: aigid.training.unigendet.diga ----------------------------------------------------------
+# Its names still resolve here (``from aigid.training.unigendet.gduf import train_diga``), imported on first
 # use (PEP 562): that module imports this one, so nothing of it is imported at load.
 _DIGA_NAMES = ("make_teacher", "diga_layer_index", "diga_trainable_names", "DIGA_HEADS", "DIGA_CODE_PROMPT",
                "teacher_inputs", "teacher_targets", "diga_alignment", "diga_losses", "train_diga")
@@ -561,6 +561,6 @@ _DIGA_NAMES = ("make_teacher", "diga_layer_index", "diga_trainable_names", "DIGA
 
 def __getattr__(name: str):
     if name in _DIGA_NAMES:
-        from aigid import train_unigendet_diga
+        from aigid.training.unigendet import diga as train_unigendet_diga
         return getattr(train_unigendet_diga, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,8 +2,8 @@
 
 Builds the model (a named config such as ``tiny``, a saved folder, or a BAGEL base folder plus
 ``checkpoint``), the rank's data stream (:mod:`aigid.data.unigendet_stream` over the readers of
-:mod:`aigid.data.unigendet_sources`), runs :func:`aigid.train_unigendet.train_gduf` or
-:func:`aigid.train_unigendet_diga.train_diga` on its packs, and writes into ``out``:
+:mod:`aigid.data.unigendet_sources`), runs :func:`aigid.training.unigendet.gduf.train_gduf` or
+:func:`aigid.training.unigendet.diga.train_diga` on its packs, and writes into ``out``:
 ``train_log.jsonl`` (one line per step: losses, lr, tokens, samples, skipped counts),
 ``train_summary.json``, ``data_state.json`` (the stream position after the last step: give it
 back as ``data_state`` to continue) and the model (``save_pretrained``; the EMA weights when the
@@ -31,15 +31,15 @@ from typing import Any, Iterator, Union
 import torch
 from tqdm.auto import tqdm
 
-from aigid import dist
+from aigid.training import dist
 from aigid.data.transforms import eval_transform
 from aigid.data.unigendet_sources import open_source
 from aigid.data.unigendet_stream import Pack, TokenCounter, UniGenDetStream
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.dist import DistContext
-from aigid.train_unigendet import (DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, RunOptions,
+from aigid.training.dist import DistContext
+from aigid.training.unigendet.gduf import (DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, RunOptions,
                                    build_sharded, build_teacher, export_pretrained, train_gduf)
-from aigid.train_unigendet_diga import train_diga
+from aigid.training.unigendet.diga import train_diga
 
 __all__ = ["run_unigendet_training", "build_stream", "token_counter", "gduf_batches", "diga_batches",
            "load_data_config", "STAGES"]
@@ -133,7 +133,7 @@ def diga_batches(packs: Iterator[Pack]) -> Iterator[list[GenerationItem]]:
 # ---- the run --------------------------------------------------------------------------------------
 def _build_model(config: dict[str, Any], ctx: DistContext) -> UniGenDet:
     """One process: the folder or the named config. Under torchrun: sharded with FSDP2 from a
-    folder, rank 0 reading the weights (:func:`aigid.train_unigendet.build_sharded`)."""
+    folder, rank 0 reading the weights (:func:`aigid.training.unigendet.gduf.build_sharded`)."""
     name = config.get("model", "tiny")
     load = {"allow_random_heads": config.get("allow_random_heads", True)}
     if config.get("checkpoint"):

@@ -1,6 +1,6 @@
 """What a training run keeps on disk, and where: its checkpoint (everything a resumed run needs to
 end exactly where an uninterrupted one would) and the detector folder, built in
-``<out>.partial/`` and swapped into ``<out>`` whole. Used by :mod:`aigid.train`."""
+``<out>.partial/`` and swapped into ``<out>`` whole. Used by :mod:`aigid.training.mirage`."""
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +23,7 @@ from aigid.models.checkpoint import apply_umask
 
 if TYPE_CHECKING:
     from aigid.models.mirage import MiraGe
-    from aigid.train import TrainConfig
+    from aigid.training.mirage import TrainConfig
 
 logger = logging.getLogger("aigid.train")
 

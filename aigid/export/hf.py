@@ -1,7 +1,7 @@
 """aigid detectors in ``transformers``' image-classification pipeline (the ``[hf]`` extra).
 
     from transformers import pipeline
-    from aigid.hf import AigidForImageClassification, AigidImageProcessor
+    from aigid.export.hf import AigidForImageClassification, AigidImageProcessor
 
     clf = pipeline("image-classification", model=AigidForImageClassification.from_pretrained(folder),
                    image_processor=AigidImageProcessor.from_pretrained(folder))
@@ -12,7 +12,7 @@ The model wraps the detector (no weights are converted: the folder is read by
 softmax is ``[1 - P(fake), P(fake)]``, the detector's ``predict``. When the detector's config
 stores a calibration (``aigid calibrate``), P(fake) is the calibrated one, as ``predict`` returns
 it, and the logits are ``[0, logit(P(fake))]`` (P(fake) clipped to [1e-7, 1 - 1e-7] first, as
-``aigid.calibration`` clips, so they stay finite); without one they are the detector's own
+``aigid.models.calibration`` clips, so they stay finite); without one they are the detector's own
 logits. ``model.config.aigid_threshold`` is the stored threshold (fake when the "fake" score >
 it; 0.5 when none is stored): the pipeline reports scores, the decision is yours. The image
 processor is the detector's own preprocessing. Loading is local only: a hub id is refused,
@@ -38,7 +38,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from aigid.calibration import _EPS, Calibration, stored_threshold
+from aigid.models.calibration import _EPS, Calibration, stored_threshold
 from aigid.models.card import ID2LABEL, LABEL2ID
 
 __all__ = ["AigidConfig", "AigidForImageClassification", "AigidImageProcessor", "register"]
@@ -49,7 +49,7 @@ PathLike = Union[str, os.PathLike]
 def _local_folder(path: PathLike) -> str:
     folder = os.fspath(path)
     if not os.path.isdir(folder):
-        raise OSError(f"{folder!r} is not a local detector folder; aigid.hf loads local folders only "
+        raise OSError(f"{folder!r} is not a local detector folder; aigid.export.hf loads local folders only "
                       "(nothing is downloaded)")
     return folder
 

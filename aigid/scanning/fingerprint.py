@@ -1,6 +1,6 @@
 """A detector's identity (``model_id``) from its saved folder, without building the model.
 
-``aigid.scan.model_id(detector)`` hashes the config and every tensor of the built model's state
+``aigid.scanning.local.model_id(detector)`` hashes the config and every tensor of the built model's state
 dict. A saved folder whose files hold that whole state dict gives the same id when the same bytes
 are hashed from the files: MiraGe saved with its backbone (``backbone.safetensors``, keys under
 ``clip.``, beside ``model.safetensors``) and UniGenDet saved by ``save_pretrained``
@@ -32,7 +32,7 @@ CONFIG_FILE, WEIGHTS_FILE, BACKBONE_PREFIX = "config.json", "model.safetensors",
 
 @dataclass(frozen=True)
 class FolderIdentity:
-    model: str  # equals aigid.scan.model_id(load_detector(folder))
+    model: str  # equals aigid.scanning.local.model_id(load_detector(folder))
     layout: str  # equals detector_layout(load_detector(folder))
     config: dict[str, Any]  # the loaded detector's config as a dict (what runs record)
     preprocess: dict[str, Any]
@@ -44,7 +44,7 @@ def _config_json(config: dict[str, Any]) -> bytes:
 
 def fingerprint(config: dict[str, Any], arch: str,
                 tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """``"<arch>-<16 hex>"`` exactly as ``aigid.scan.model_id`` computes it; ``tensors`` must
+    """``"<arch>-<16 hex>"`` exactly as ``aigid.scanning.local.model_id`` computes it; ``tensors`` must
     come sorted by name."""
     h = hashlib.blake2b(digest_size=8)
     h.update(_config_json(config))
@@ -66,7 +66,7 @@ def layout(config: dict[str, Any], shapes: Iterable[tuple[str, torch.dtype, tupl
 
 
 def detector_layout(detector) -> str:
-    from aigid.scan import _config_dict
+    from aigid.scanning.local import _config_dict
 
     return layout(_config_dict(detector),
                   ((k, v.dtype, tuple(v.shape)) for k, v in detector.state_dict().items()))
@@ -138,7 +138,7 @@ def identity_of_folder(folder: str | os.PathLike) -> Optional[FolderIdentity]:
 
 
 def model_id_of_folder(folder: str | os.PathLike) -> Optional[str]:
-    """``aigid.scan.model_id`` of the detector saved in ``folder``, from its files alone; ``None``
+    """``aigid.scanning.local.model_id`` of the detector saved in ``folder``, from its files alone; ``None``
     when the folder is not self-contained (see the module docstring)."""
     found = identity_of_folder(folder)
     return found.model if found is not None else None

@@ -1,4 +1,4 @@
-"""The stages of ``aigid.scan_ray``: what runs on the Ray workers (see scan_ray's docstring).
+"""The stages of ``aigid.scanning.ray``: what runs on the Ray workers (see scan_ray's docstring).
 
 Data between stages is plain Arrow (no tensor extension types): ids are ``binary`` (raw bytes,
 ``utf-8``/``surrogateescape``: Arrow strings cannot hold a non-UTF-8 file name), pixels are the
@@ -327,7 +327,7 @@ class Scorer:
     def __init__(self, detector: str, layout: Optional[str], preprocess: dict[str, Any]):
         import ray
 
-        from aigid.fingerprint import detector_layout
+        from aigid.scanning.fingerprint import detector_layout
         from aigid.models.registry import load_detector
 
         gpus = ray.get_gpu_ids()
@@ -357,7 +357,7 @@ class Scorer:
         return torch.as_tensor(scores).detach().float().reshape(-1).cpu().tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from aigid.scan import NO_VERDICT
+        from aigid.scanning.local import NO_VERDICT
 
         started = time.perf_counter()
         rows = batch.to_pylist()

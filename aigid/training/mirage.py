@@ -20,7 +20,7 @@ epoch and image, not from a stream that a restart would reset).
 
 Data-parallel under ``torchrun --nproc_per_node N`` (or any initialised default process group):
 ``batch_size`` is per rank, and each global batch of N·batch_size (the batch one process would
-draw with that size) is cut into contiguous per-rank slices; ``aigid.dist_gather`` gathers the
+draw with that size) is cut into contiguous per-rank slices; ``aigid.training.gather`` gathers the
 embeddings so the loss, the step and the memory bank equal one process's with the global batch.
 Only rank 0 touches ``out`` (folders, log, checkpoints, the detector); it reads the checkpoint
 on resume and hands it to every rank, so ``out`` need not be on a shared file system.
@@ -43,13 +43,13 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from aigid import dist_gather
+from aigid.training import gather as dist_gather
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import discover, has_split, summarise, warn_format_bias
 from aigid.data.transforms import train_transform
-from aigid.evaluate import device_of, evaluate
+from aigid.evaluation.runner import device_of, evaluate
 from aigid.models.card import write_model_card
-from aigid.train_state import (CHECKPOINT_FILE, LOG_FILE, PARTIAL_SUFFIX, SUMMARY_FILE, Checkpointer,
+from aigid.training.state import (CHECKPOINT_FILE, LOG_FILE, PARTIAL_SUFFIX, SUMMARY_FILE, Checkpointer,
                                Progress, TrainingInterrupted, check_folders, run_fingerprint,
                                interrupted_error, read_checkpoint, relative_to, restore, start_work,
                                swap_in)

@@ -10,7 +10,7 @@ autocast), and this generator (writes each finished batch to the store, then yie
 runs batch k while the main thread fetches batch k+1 and commits batch k-1, so neither the
 ``.cpu()`` inside ``predict`` nor a SQLite commit stalls the data path.
 
-The store (``out=``, off by default) is ``aigid.store.ResultStore``: the scan holds its writer
+The store (``out=``, off by default) is ``aigid.scanning.store.ResultStore``: the scan holds its writer
 lock from start to end (a second scan into the same file is refused with ``StoreLockedError``),
 refuses a file that is not an aigid results file without touching it, and checkpoints the WAL at
 the end, so the ``.sqlite`` alone then holds every row (while a scan runs, or after a kill, the
@@ -46,9 +46,9 @@ import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
-from aigid.fingerprint import fingerprint
+from aigid.scanning.fingerprint import fingerprint
 from aigid.provenance import DECLARED_AI, DECLARED_CAMERA, provenance_of
-from aigid.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
+from aigid.scanning.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
 
 __all__ = ["ScanResult", "scan", "scan_to_store", "model_id", "default_workers"]
 

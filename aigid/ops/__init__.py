@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from aigid import backends
 from aigid.kernels import reference
-from aigid.packing import PackedLayout
+from aigid.ops.packing import PackedLayout
 
 Backend = Optional[Literal["auto", "triton", "reference"]]
 AttentionBackend = Optional[Literal["auto", "flash-attn", "sdpa", "reference"]]
@@ -180,7 +180,7 @@ _SMSA_MAX_SOURCES = 4  # what the fused SMSA kernel reads in place (kernels/smsa
 
 def _check_packed(q, k, v, layout) -> None:
     if not isinstance(layout, PackedLayout):
-        raise TypeError(f"layout must be an aigid.packing.PackedLayout, got {type(layout).__name__}")
+        raise TypeError(f"layout must be an aigid.ops.packing.PackedLayout, got {type(layout).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise ValueError(f"{name} must be (T, heads, d), got {getattr(x, 'shape', type(x))}")

@@ -3,7 +3,7 @@
 The exported graph takes preprocessed pixels (N, 3, S, S) — the output of the detector's
 ``preprocess``, S its crop size — and returns P(fake), (N,) float32: ``predict``'s numbers: when the
 detector stores a calibration (``aigid calibrate``), the map is part of the graph
-(``aigid.calibration.CalibrationMap``: temperature scaling or isotonic interpolation, in torch ops),
+(``aigid.models.calibration.CalibrationMap``: temperature scaling or isotonic interpolation, in torch ops),
 so the file returns calibrated P(fake) as ``predict`` does; ``calibrated=False`` exports the raw
 softmax. The threshold is not in the graph: read it from the detector's config.json
 (``calibration.threshold``; fake when P(fake) > it, 0.5 when none is stored). The batch size is
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aigid.calibration import Calibration, CalibrationMap
+from aigid.models.calibration import Calibration, CalibrationMap
 
 __all__ = ["export_model", "ExportableMiraGe", "FORMATS"]
 

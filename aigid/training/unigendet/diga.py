@@ -1,5 +1,5 @@
 """UniGenDet's second training stage, DIGA; the first (GDUF), its config :class:`DIGAConfig` and
-the training loop both stages share live in :mod:`aigid.train_unigendet`.
+the training loop both stages share live in :mod:`aigid.training.unigendet.gduf`.
 
 DIGA: the stage-1 model is deep-copied into a frozen teacher. For each ground-truth image the
 teacher's detection pass gives layer-ℓ states at the ViT tokens, final-normed (``norm``), resized
@@ -15,8 +15,8 @@ code's ``[VAE] [forensic prompt with the caption] [ViT]`` (:func:`teacher_inputs
 Unlike the released loop (which swallowed every exception per step and so never applied
 DIGA's loss), errors here propagate.
 
-Distributed: as GDUF (``run=RunOptions(...)``, :class:`aigid.train_unigendet.RunOptions`). DIGA's
-teacher is a second model built from the same weights (:func:`aigid.train_unigendet.build_teacher`),
+Distributed: as GDUF (``run=RunOptions(...)``, :class:`aigid.training.unigendet.gduf.RunOptions`). DIGA's
+teacher is a second model built from the same weights (:func:`aigid.training.unigendet.gduf.build_teacher`),
 never a deep copy of a sharded student.
 """
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from aigid import dist as adist
-from aigid.dist import DistContext
+from aigid.training import dist as adist
+from aigid.training.dist import DistContext
 from aigid.models.unigendet import DetInputs, UniGenDet
-from aigid.train_unigendet import (EMA, TEACHER_PROMPTS, DIGAConfig, GenerationItem, RunOptions, _fm_sum,
+from aigid.training.unigendet.gduf import (EMA, TEACHER_PROMPTS, DIGAConfig, GenerationItem, RunOptions, _fm_sum,
                                    _gen_tokens, _plan, _ratio, _run, _vit_calls, generation_batch)
-from aigid.train_unigendet_shard import is_sharded
+from aigid.training.unigendet.shard import is_sharded
 
 __all__ = ["make_teacher", "diga_layer_index", "diga_trainable_names", "DIGA_CODE_PROMPT", "teacher_inputs",
            "teacher_targets", "diga_alignment", "diga_losses", "train_diga"]

@@ -1,6 +1,6 @@
 """UniGenDet under torchrun: FSDP2 sharding per layer, loading on the meta device with rank 0
 reading the weights, DIGA's teacher as a second sharded model, and rank-0 export in BAGEL's key
-names. The training loops in :mod:`aigid.train_unigendet` call these; one process never needs them."""
+names. The training loops in :mod:`aigid.training.unigendet.gduf` call these; one process never needs them."""
 from __future__ import annotations
 
 import json
@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import nn
 
-from aigid import dist as adist
-from aigid.dist import DistContext
+from aigid.training import dist as adist
+from aigid.training.dist import DistContext
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 
 if TYPE_CHECKING:
-    from aigid.train_unigendet import EMA
+    from aigid.training.unigendet.gduf import EMA
 
 __all__ = ["shard_unigendet", "build_sharded", "build_teacher", "export_pretrained", "is_sharded",
            "is_dtensor", "full_tensor"]
 
-log = logging.getLogger("aigid.train_unigendet")
+log = logging.getLogger("aigid.training.unigendet.gduf")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def shard_unigendet(model: UniGenDet, ctx: DistContext, *, bf16: Optional[bool] 
     model casts its own embeddings to the parameters' dtype and the step runs under autocast."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not ctx.distributed:
-        raise ValueError("shard_unigendet needs a distributed context (aigid.dist.init under torchrun)")
+        raise ValueError("shard_unigendet needs a distributed context (aigid.training.dist.init under torchrun)")
     bf16 = ctx.device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if bf16 else MixedPrecisionPolicy(cast_forward_inputs=False)

@@ -9,7 +9,7 @@
   tests compare the two). Ties it creates can change AUROC a little.
 
 The threshold is chosen on the *calibrated* scores under aigid's rule, fake when ``score > t``
-(``aigid.metrics.is_fake``): ``fpr<=a`` takes the smallest t whose false-positive rate on the
+(``aigid.evaluation.metrics.is_fake``): ``fpr<=a`` takes the smallest t whose false-positive rate on the
 reals is at most a (the most fakes caught at that rate), ``balanced`` the t of the best balanced
 accuracy (lowest such t), and with neither the calibrated 0.5. The fit and the threshold live in
 the detector's config as ``Calibration.to_dict()``, so ``predict`` returns calibrated scores
@@ -77,8 +77,8 @@ class Calibration:
         return np.where(np.isnan(p), np.nan, np.interp(p, self.x, self.y))
 
     def apply_torch(self, p: torch.Tensor) -> torch.Tensor:
-        """``apply`` in torch ops, for graphs that must carry the map (``aigid.export_model``,
-        ``aigid.hf``): calibrated P(fake) in ``p``'s dtype and device; NaN stays NaN. It computes
+        """``apply`` in torch ops, for graphs that must carry the map (``aigid.export.onnx``,
+        ``aigid.export.hf``): calibrated P(fake) in ``p``'s dtype and device; NaN stays NaN. It computes
         in float64 as ``apply`` does (float32 on MPS, which has no float64), so a float32 ``p``
         gives ``apply``'s result rounded to float32, as ``predict`` returns it. See
         ``CalibrationMap``."""
@@ -221,7 +221,7 @@ def fit_isotonic(scores: Any, labels: Any) -> tuple[list[float], list[float]]:
 
 def rates(scores: Any, labels: Any, threshold: float) -> tuple[float, float]:
     """(FPR on the reals, TPR on the fakes) with fake when ``score > threshold``."""
-    from aigid.metrics import is_fake
+    from aigid.evaluation.metrics import is_fake
 
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     fake = is_fake(s, threshold)

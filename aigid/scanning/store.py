@@ -107,7 +107,7 @@ _UPSERT = ("INSERT INTO results (id, model, hash, size, score, error, time, run,
 def label_of(score: float, threshold: float) -> int:
     """1 (fake) when ``score > threshold``: the store's one place that sets the comparison.
 
-    The rule of ``aigid.metrics.is_fake`` (sources cited there), kept in plain Python here because
+    The rule of ``aigid.evaluation.metrics.is_fake`` (sources cited there), kept in plain Python here because
     it runs once per exported row."""
     return int(score > threshold)
 

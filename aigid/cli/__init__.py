@@ -237,7 +237,7 @@ def _export_target(path: str, fmt: Optional[str]) -> None:
 def _load_detector(args):
     """The detector of ``--detector`` (after ``_detector_folder`` checked its files), with the
     loaders' errors named by the folder."""
-    from aigid.evaluate import device_of
+    from aigid.evaluation.runner import device_of
     from aigid.models.registry import load_detector
 
     try:
@@ -323,7 +323,7 @@ def _check_train(args) -> None:
 
 
 def _cmd_train(args) -> int:
-    from aigid.train import TrainConfig, train
+    from aigid.training.mirage import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out=args.out, val=args.val, model=args.model,
                       overrides=_overrides(args), cache_dir=args.cache_dir, epochs=args.epochs,
@@ -380,7 +380,7 @@ def _check_eval(args) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from aigid.evaluate import evaluate
+    from aigid.evaluation.runner import evaluate
 
     detector = _load_detector(args)
     _set_verdict(detector, args.verdict)
@@ -388,7 +388,7 @@ def _cmd_eval(args) -> int:
                       num_workers=args.workers, threshold=args.threshold, progress=not args.quiet,
                       robustness=args.robustness or (), plots_dir=args.plots)
     if args.format:
-        from aigid.eval_formats import write_report
+        from aigid.evaluation.formats import write_report
         written = write_report(result, args.report, args.format)
         log.info("wrote %d %s result files under %s", len(written), args.format, args.report)
     if args.out:
@@ -407,7 +407,7 @@ def _check_scan(args) -> None:
     _device(args.device)
     folder_out = False
     if args.ray is not None:
-        from aigid.scan_ray import is_folder_out
+        from aigid.scanning.ray import is_folder_out
         folder_out = is_folder_out(args.out)
         if args.actors is not None and not re.fullmatch(r"\d+(:\d+)?", args.actors):
             raise UsageError(f"--actors {args.actors}: expected MIN or MIN:MAX, e.g. 2:8")
@@ -448,7 +448,7 @@ def _report_scan(args, summary: dict) -> int:
 def _cmd_scan_ray(args) -> int:
     """``--ray``: the driver fingerprints the folder and writes results; it never builds the model.
     The summary and its notices are those of the local scan (``--sniff`` included)."""
-    from aigid.scan_ray import scan_ray
+    from aigid.scanning.ray import scan_ray
 
     lo, _, hi = (args.actors or "1").partition(":")
     summary = scan_ray(args.paths, args.detector, out=args.out, batch_size=args.batch_size,
@@ -462,7 +462,7 @@ def _cmd_scan_ray(args) -> int:
 
 
 def _cmd_scan(args) -> int:
-    from aigid.scan import scan_to_store
+    from aigid.scanning.local import scan_to_store
 
     if args.ray is not None:
         return _cmd_scan_ray(args)
@@ -487,7 +487,7 @@ def _check_export(args) -> None:
 
 
 def _cmd_export(args) -> int:
-    from aigid.store import ResultStore
+    from aigid.scanning.store import ResultStore
 
     try:
         with ResultStore(args.db, readonly=True) as store:  # a running scan may hold the writer lock
@@ -514,7 +514,7 @@ def _check_train_unigendet(args) -> None:
 
 
 def _cmd_train_unigendet(args) -> int:
-    from aigid.train_unigendet_run import run_unigendet_training
+    from aigid.training.unigendet.run import run_unigendet_training
 
     train = {k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup_steps)) if v is not None}
     summary = run_unigendet_training({
@@ -547,9 +547,9 @@ def _check_calibrate(args) -> None:
 
 
 def _cmd_calibrate(args) -> int:
-    from aigid.calibration import save_calibration
+    from aigid.models.calibration import save_calibration
     from aigid.models.card import refresh_card_calibration
-    from aigid.evaluate import calibrate
+    from aigid.evaluation.runner import calibrate
 
     detector = _load_detector(args)
     report = calibrate(detector, args.data, split=args.split, method=args.method,
@@ -573,7 +573,7 @@ def _check_export_model(args) -> None:
 
 
 def _cmd_export_model(args) -> int:
-    from aigid.export_model import export_model
+    from aigid.export.onnx import export_model
 
     detector = _load_detector(args)
     try:
@@ -940,6 +940,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"aigid {args.command}: {_one_line(message)}", file=sys.stderr)
             return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

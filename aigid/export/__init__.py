@@ -1,0 +1,1 @@
+"""Export: ONNX / torch.export graphs (``onnx``) and the transformers adapter (``hf``)."""
