@@ -8,13 +8,11 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from aigid.evaluation.runner import evaluate  # noqa: E402
-from aigid.models.registry import load_detector  # noqa: E402
-from aigid.scanning.local import scan  # noqa: E402
-from aigid.training.mirage import TrainConfig, train  # noqa: E402
-
+from aigid.evaluation.runner import evaluate
+from aigid.models.registry import load_detector
+from aigid.scanning.local import scan
+from aigid.training.mirage import TrainConfig, train
+from aigid.version import __version__
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 Providers (same weights, same global batch of 8 detection + 8 generation samples per step):
 
-* ``fsdp2x2`` (ours): ``torchrun --nproc_per_node 2``, :func:`aigid.training.unigendet.gduf.build_sharded`
+* ``fsdp2x2`` (ours): ``torchrun --nproc_per_node 2``, :func:`aigid.training.unigendet.shard.build_sharded`
   (per-layer ``fully_shard``, gloo on CPU / nccl on CUDA), each rank half the batch.
 * ``single``: torchrun with one rank (the same FSDP2 path over one process), the whole batch.
 
@@ -31,7 +31,7 @@ PER_STEP = 8  # detection and generation samples per global step
 
 
 def _global_items(step: int):
-    from aigid.training.unigendet.gduf import DetectionItem, GenerationItem
+    from aigid.training.unigendet.common import DetectionItem, GenerationItem
     g = torch.Generator().manual_seed(step)
     pix = torch.rand(PER_STEP, 3, 32, 32, generator=g) * 2 - 1
     lat = torch.randn(PER_STEP, 4, 4, 4, generator=g)
@@ -41,7 +41,9 @@ def _global_items(step: int):
 
 def _worker(source: str, out: str) -> None:
     from aigid.training import dist
-    from aigid.training.unigendet.gduf import GDUFConfig, RunOptions, build_sharded, train_gduf
+    from aigid.training.unigendet.common import GDUFConfig, RunOptions
+    from aigid.training.unigendet.gduf import train_gduf
+    from aigid.training.unigendet.shard import build_sharded
 
     torch.set_num_threads(1)
     ctx = dist.init()

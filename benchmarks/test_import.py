@@ -1,7 +1,7 @@
 """Import cost: ``python -c "import aigid"`` vs ``python -c "import torch"``, fresh interpreters.
 
-The goal (issue "Behaves in production"): ``import aigid`` costs at most 0.5 s more than torch
-alone, so a pipeline that embeds aigid does not pay for torchvision's model zoo, torch._dynamo,
+The goal (issue "Behaves in production", tightened by the layout issue): ``import aigid`` costs at
+most 0.1 s more than torch alone, so a pipeline that embeds aigid does not pay for torchvision's model zoo, torch._dynamo,
 open_clip or Triton until it uses them. Each round starts a new interpreter (warm OS caches);
 ``extra_info`` records both medians and the difference.
 
@@ -19,7 +19,7 @@ import pytest
 from _report import record_comparison
 
 ROUNDS = 5
-GOAL_EXTRA_S = 0.5  # import aigid may cost this much more than import torch
+GOAL_EXTRA_S = 0.1  # import aigid may cost this much more than import torch
 
 
 def _time_import(module: str) -> float:

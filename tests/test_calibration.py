@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import aigid
-from aigid.models import calibration as C
+from aigid.evaluation import calibration as C
 from aigid.data.labelled import LabelledImage
 from aigid.evaluation.runner import calibrate, evaluate, write_plots
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig

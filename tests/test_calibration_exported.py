@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aigid.models import calibration as C
+from aigid.evaluation import calibration as C
 from aigid.export.onnx import ExportableMiraGe, export_model
 from aigid.models.mirage import MiraGe, MiraGeConfig
 

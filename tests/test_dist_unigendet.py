@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.training.unigendet.gduf import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, train_gduf
+from aigid.training.unigendet.common import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem
+from aigid.training.unigendet.gduf import train_gduf
 from aigid.training.unigendet.diga import train_diga
 
 WORLD = 2
@@ -52,7 +53,8 @@ def _rank_items(step: int, rank: int, world: int):
 def _worker(args: argparse.Namespace) -> None:
     from aigid.training import dist
     from aigid.training.dist import latest_checkpoint
-    from aigid.training.unigendet.gduf import RunOptions, build_sharded, build_teacher, export_pretrained
+    from aigid.training.unigendet.common import RunOptions
+    from aigid.training.unigendet.shard import build_sharded, build_teacher, export_pretrained
 
     torch.set_num_threads(1)
     ctx = dist.init()

@@ -109,7 +109,7 @@ def test_diga_total_is_flow_plus_lambda_alignment(one_thread):
     must be L_flow + λ·L_align: λ=0 gives the flow loss, changing λ moves the total by exactly
     Δλ·L_align, and the alignment head's gradient scales with λ."""
     from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-    from aigid.training.unigendet.gduf import DIGAConfig, GenerationItem
+    from aigid.training.unigendet.common import DIGAConfig, GenerationItem
     from aigid.training.unigendet.diga import diga_losses, make_teacher
 
     g = torch.Generator().manual_seed(0)

@@ -7,9 +7,9 @@ import torch
 
 from aigid import backends
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-from aigid.training.unigendet.gduf import (EMA, DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, _optimizer,
-                                   _scheduler, detection_batch, gduf_losses, generation_batch, mixed_batches,
-                                   train_gduf, warmup_factor)
+from aigid.training.unigendet.common import EMA, DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, generation_batch
+from aigid.training.unigendet.gduf import detection_batch, gduf_losses, mixed_batches, train_gduf
+from aigid.training.unigendet.loop import _optimizer, _scheduler, warmup_factor
 from aigid.training.unigendet.diga import (DIGA_CODE_PROMPT, diga_alignment, diga_layer_index, diga_losses,
                                         diga_trainable_names, make_teacher, teacher_inputs, teacher_targets,
                                         train_diga)

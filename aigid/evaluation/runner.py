@@ -18,11 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from aigid.models import calibration
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import LabelledImage, discover
 from aigid.data.perturb import Perturbation, compose, parse_sweep
 from aigid.data.transforms import eval_transform
+from aigid.evaluation import calibration
 from aigid.evaluation.metrics import _roc, binary_metrics, is_fake, oracle_accuracy
 
 log = logging.getLogger("aigid")

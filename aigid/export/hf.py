@@ -32,8 +32,7 @@ import os
 from typing import Any, Optional, Union
 
 import torch
-from transformers import (AutoConfig, AutoModelForImageClassification,
-                          PretrainedConfig, PreTrainedModel)
+from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import ImageClassifierOutput

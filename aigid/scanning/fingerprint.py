@@ -1,6 +1,6 @@
 """A detector's identity (``model_id``) from its saved folder, without building the model.
 
-``aigid.scanning.local.model_id(detector)`` hashes the config and every tensor of the built model's state
+``model_id(detector)`` hashes the config and every tensor of the built model's state
 dict. A saved folder whose files hold that whole state dict gives the same id when the same bytes
 are hashed from the files: MiraGe saved with its backbone (``backbone.safetensors``, keys under
 ``clip.``, beside ``model.safetensors``) and UniGenDet saved by ``save_pretrained``
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -32,7 +32,7 @@ CONFIG_FILE, WEIGHTS_FILE, BACKBONE_PREFIX = "config.json", "model.safetensors",
 
 @dataclass(frozen=True)
 class FolderIdentity:
-    model: str  # equals aigid.scanning.local.model_id(load_detector(folder))
+    model: str  # equals model_id(load_detector(folder))
     layout: str  # equals detector_layout(load_detector(folder))
     config: dict[str, Any]  # the loaded detector's config as a dict (what runs record)
     preprocess: dict[str, Any]
@@ -44,7 +44,7 @@ def _config_json(config: dict[str, Any]) -> bytes:
 
 def fingerprint(config: dict[str, Any], arch: str,
                 tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """``"<arch>-<16 hex>"`` exactly as ``aigid.scanning.local.model_id`` computes it; ``tensors`` must
+    """``"<arch>-<16 hex>"`` exactly as ``model_id`` computes it; ``tensors`` must
     come sorted by name."""
     h = hashlib.blake2b(digest_size=8)
     h.update(_config_json(config))
@@ -65,10 +65,24 @@ def layout(config: dict[str, Any], shapes: Iterable[tuple[str, torch.dtype, tupl
     return h.hexdigest()
 
 
-def detector_layout(detector) -> str:
-    from aigid.scanning.local import _config_dict
+def config_dict(detector) -> dict[str, Any]:
+    config = getattr(detector, "config", None)
+    if is_dataclass(config):
+        return asdict(config)
+    if isinstance(config, dict):
+        return dict(config)
+    return dict(vars(config)) if config is not None else {}
 
-    return layout(_config_dict(detector),
+
+def model_id(detector) -> str:
+    """``"<arch>-<16 hex>"``: blake2b of the config (JSON, sorted keys) and every tensor of the
+    state dict (name, dtype, shape, bytes). Same weights and config → same id on any machine."""
+    config = config_dict(detector)
+    return fingerprint(config, type(detector).__name__.lower(), sorted(detector.state_dict().items()))
+
+
+def detector_layout(detector) -> str:
+    return layout(config_dict(detector),
                   ((k, v.dtype, tuple(v.shape)) for k, v in detector.state_dict().items()))
 
 
@@ -138,7 +152,7 @@ def identity_of_folder(folder: str | os.PathLike) -> Optional[FolderIdentity]:
 
 
 def model_id_of_folder(folder: str | os.PathLike) -> Optional[str]:
-    """``aigid.scanning.local.model_id`` of the detector saved in ``folder``, from its files alone; ``None``
+    """``model_id`` of the detector saved in ``folder``, from its files alone; ``None``
     when the folder is not self-contained (see the module docstring)."""
     found = identity_of_folder(folder)
     return found.model if found is not None else None

@@ -39,15 +39,15 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
-from aigid.scanning.fingerprint import fingerprint
 from aigid.provenance import DECLARED_AI, DECLARED_CAMERA, provenance_of
+from aigid.scanning.fingerprint import config_dict, model_id  # noqa: F401  (model_id: part of scan's API)
 from aigid.scanning.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
 
 __all__ = ["ScanResult", "scan", "scan_to_store", "model_id", "default_workers"]
@@ -68,22 +68,6 @@ class ScanResult:
 
 
 # --------------------------------------------------------------------------- detector identity
-
-
-def _config_dict(detector) -> dict[str, Any]:
-    config = getattr(detector, "config", None)
-    if is_dataclass(config):
-        return asdict(config)
-    if isinstance(config, dict):
-        return dict(config)
-    return dict(vars(config)) if config is not None else {}
-
-
-def model_id(detector) -> str:
-    """``"<arch>-<16 hex>"``: blake2b of the config (JSON, sorted keys) and every tensor of the
-    state dict (name, dtype, shape, bytes). Same weights and config → same id on any machine."""
-    config = _config_dict(detector)
-    return fingerprint(config, type(detector).__name__.lower(), sorted(detector.state_dict().items()))
 
 
 def _device_of(detector) -> torch.device:
@@ -211,7 +195,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
             if resume:
                 skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors),
                                      workers + 1)
-            run = store.start_run(mid, detector=_config_dict(detector), preprocess=preprocess,
+            run = store.start_run(mid, detector=config_dict(detector), preprocess=preprocess,
                                   threshold=threshold, decoder=chosen, paths=paths)
     except BaseException:
         store.close()

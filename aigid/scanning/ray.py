@@ -82,12 +82,11 @@ def is_folder_out(out: PathArg) -> bool:
 
 
 def _identity_task(folder: str) -> tuple[str, str, dict, dict]:
-    from aigid.scanning.fingerprint import detector_layout
     from aigid.models.registry import load_detector
-    from aigid.scanning.local import _config_dict, model_id
+    from aigid.scanning.fingerprint import config_dict, detector_layout, model_id
 
     detector = load_detector(folder)
-    return model_id(detector), detector_layout(detector), _config_dict(detector), \
+    return model_id(detector), detector_layout(detector), config_dict(detector), \
         dict(detector.config.preprocess)
 
 
@@ -162,7 +161,8 @@ def _declared() -> dict[str, int]:
 def _count_declared(recs: list[dict], threshold: Optional[float], declared: dict[str, int]) -> None:
     """``aigid.scan._count_declared`` over rows (``score``, ``evidence``, and ``label`` or the
     ``threshold`` to derive it), so both scanners count by one rule."""
-    from aigid.scanning.local import ScanResult, _count_declared as count
+    from aigid.scanning.local import ScanResult
+    from aigid.scanning.local import _count_declared as count
 
     def label(r: dict) -> Optional[int]:
         if threshold is None:

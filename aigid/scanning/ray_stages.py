@@ -327,8 +327,8 @@ class Scorer:
     def __init__(self, detector: str, layout: Optional[str], preprocess: dict[str, Any]):
         import ray
 
-        from aigid.scanning.fingerprint import detector_layout
         from aigid.models.registry import load_detector
+        from aigid.scanning.fingerprint import detector_layout
 
         gpus = ray.get_gpu_ids()
         self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")

@@ -45,7 +45,6 @@ and ``os.fsdecode(blob)`` gives the id back. Exports show such an id with ``back
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -56,6 +55,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from aigid.errors import StoreError, StoreLockedError  # noqa: F401  (re-exported)
+from aigid.scanning.result_files import COLUMNS, EXPORT_FORMATS, evidence_object, format_of, write_rows
+from aigid.version import __version__
 
 __all__ = ["ResultRow", "ResultStore", "DoneFilter", "WriterLock", "StoreError",
            "StoreLockedError", "encode_id", "decode_id", "display_id", "label_of",
@@ -67,10 +68,6 @@ log = logging.getLogger(__name__)
 APPLICATION_ID = 0x61696764  # "aigd": marks a SQLite file as an aigid results store
 SCHEMA_VERSION = 2
 DEFAULT_THRESHOLD = 0.5  # for rows of a model that has no run recording a threshold
-COLUMNS = ("id", "model", "hash", "size", "score", "label", "error", "time", "evidence")  # export
-EXPORT_FORMATS = ("jsonl", "csv", "parquet")
-_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
-             ".pq": "parquet"}
 
 _RESULTS = """
 CREATE TABLE {name} (
@@ -393,8 +390,6 @@ class ResultStore:
                   paths: Sequence[str] = ()) -> int:
         """Record what this run uses (detector, preprocessing, threshold, version...); its id.
         From now on its threshold is the one in force for ``model``'s labels."""
-        from aigid import __version__
-
         with self.conn:
             cur = self.conn.execute(
                 "INSERT INTO runs (model, detector, preprocess, threshold, version, decoder, "
@@ -491,7 +486,7 @@ class ResultStore:
         (that of its latest run).
         """
         path = os.fspath(path)
-        fmt = format or _SUFFIXES.get(os.path.splitext(path)[1].lower())
+        fmt = format or format_of(path)
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"cannot tell the export format of {path!r}: give format= one of "
                              f"{EXPORT_FORMATS} or use a .jsonl, .csv or .parquet suffix")
@@ -505,8 +500,8 @@ class ResultStore:
                      self.thresholds())
         rows = (_export_dict(r) for r in self.rows(model, threshold=threshold))
         if fmt == "jsonl":
-            rows = (_evidence_object(rec) for rec in rows)
-        return {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}[fmt](path, rows)
+            rows = (evidence_object(rec) for rec in rows)
+        return write_rows(path, fmt, rows)
 
 
 class DoneFilter:
@@ -559,60 +554,3 @@ def _export_dict(row: ResultRow) -> dict[str, Any]:
     rec = {k: getattr(row, k) for k in COLUMNS}
     rec["id"] = display_id(encode_id(row.id))
     return rec
-
-
-def _evidence_object(rec: dict[str, Any]) -> dict[str, Any]:
-    """JSONL shows evidence as the object it is (stored text that is not JSON stays text)."""
-    if rec.get("evidence"):
-        try:
-            rec["evidence"] = json.loads(rec["evidence"])
-        except ValueError:
-            pass
-    return rec
-
-
-def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in rows:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def _write_csv(path: str, rows: Iterable[dict]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for rec in rows:
-            w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v)
-                        for k, v in rec.items()})
-            n += 1
-    return n
-
-
-def _write_parquet(path: str, rows: Iterable[dict], chunk: int = 65536) -> int:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError("Parquet export needs pyarrow: pip install pyarrow "
-                          "(or export to .jsonl / .csv)") from err
-    schema = pa.schema([("id", pa.string()), ("model", pa.string()), ("hash", pa.string()),
-                        ("size", pa.int64()), ("score", pa.float64()), ("label", pa.int8()),
-                        ("error", pa.string()), ("time", pa.float64()),
-                        ("evidence", pa.string())])
-    n, buf = 0, []
-    with pq.ParquetWriter(path, schema) as writer:  # streamed: millions of rows in bounded memory
-        def flush() -> None:
-            writer.write_table(pa.Table.from_pylist(buf, schema=schema))
-            buf.clear()
-        for rec in rows:
-            buf.append(rec)
-            n += 1
-            if len(buf) >= chunk:
-                flush()
-        if buf or n == 0:
-            flush()
-    return n

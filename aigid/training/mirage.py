@@ -34,7 +34,7 @@ import os
 import random
 import signal
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
@@ -43,16 +43,16 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from aigid.training import gather as dist_gather
 from aigid.data.dataset import LabelledImages, collate_skipping_errors
 from aigid.data.labelled import discover, has_split, summarise, warn_format_bias
 from aigid.data.transforms import train_transform
 from aigid.evaluation.runner import device_of, evaluate
 from aigid.models.card import write_model_card
+from aigid.training import gather as dist_gather
+from aigid.training.config import TrainConfig
 from aigid.training.state import (CHECKPOINT_FILE, LOG_FILE, PARTIAL_SUFFIX, SUMMARY_FILE, Checkpointer,
-                               Progress, TrainingInterrupted, check_folders, run_fingerprint,
-                               interrupted_error, read_checkpoint, relative_to, restore, start_work,
-                               swap_in)
+                                  Progress, TrainingInterrupted, check_folders, interrupted_error,
+                                  read_checkpoint, relative_to, restore, run_fingerprint, start_work, swap_in)
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "train", "build_model", "scheduled_lr"]
 
@@ -61,32 +61,6 @@ if TYPE_CHECKING:  # the model is imported when training starts: open_clip is sl
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass
-class TrainConfig:
-    data: str                               # labelled folder or manifest (train/ split used if present)
-    out: str = "runs/mirage"                # the detector folder to write (swapped in at the end)
-    val: Optional[str] = None               # held-out data; default: the data's val/ split if present
-    model: str = "vit-l-14"                 # shipped config name, a JSON config file, or a detector dir
-    overrides: dict[str, Any] = field(default_factory=dict)  # MiraGeConfig fields (alpha, bank_size...)
-    cache_dir: Optional[str] = None         # open_clip weights cache
-    download: bool = False                  # fetch a missing backbone tag (never by default)
-    epochs: int = 5                         # MaPLe MAX_EPOCH
-    max_steps: Optional[int] = None         # stop early after this many optimiser steps
-    batch_size: int = 32                    # ours (MaPLe: 4)
-    lr: float = 0.0035                      # MaPLe
-    momentum: float = 0.9                   # MaPLe (Dassl's SGD default)
-    weight_decay: float = 5e-4              # MaPLe (Dassl's default)
-    warmup_epochs: int = 0                  # ours: no warmup (MaPLe: 1)
-    warmup_lr: float = 1e-5                 # constant lr during warmup (MaPLe WARMUP_CONS_LR)
-    num_workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
-    checkpoint_every: int = 500             # steps between checkpoints in <out>.partial (0: only on Ctrl-C)
-    resume: bool = False                    # continue the interrupted run checkpointed in <out>.partial
-    overwrite: bool = False                 # replace an existing detector folder at <out>
 
 
 def _seed_everything(seed: int) -> None:

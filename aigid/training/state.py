@@ -23,7 +23,7 @@ from aigid.models.checkpoint import apply_umask
 
 if TYPE_CHECKING:
     from aigid.models.mirage import MiraGe
-    from aigid.training.mirage import TrainConfig
+    from aigid.training.config import TrainConfig
 
 logger = logging.getLogger("aigid.train")
 

@@ -552,7 +552,8 @@ class UniGenDet(nn.Module):
         config = config or release_config(directory)
         with torch.device("meta"):
             model = cls(config)
-        state = release_to_ours(read_release_weights(directory, checkpoint, weights), model)
+        state = release_to_ours(read_release_weights(directory, checkpoint, weights),
+                                model.vit_model.vision_model.embeddings.patch_embedding.weight.shape)
         model._check_loaded(load_into(model, state, strict=False, dtype=dtype), directory,
                             allow_random_heads, dtype)
         if dtype is not None:

@@ -14,16 +14,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from aigid.models.unigendet.config import UniGenDetConfig
 from aigid.models.unigendet.mot import MoTConfig
 from aigid.models.unigendet.siglip import patch_weight_from_linear
-
-if TYPE_CHECKING:
-    from aigid.models.unigendet.model import UniGenDet
 
 __all__ = ["release_config", "release_to_ours", "weight_file",
            "read_release_weights", "VAE_FILES"]
@@ -108,10 +105,11 @@ def release_config(directory: str) -> UniGenDetConfig:
     return config
 
 
-def release_to_ours(state: dict[str, torch.Tensor], model: "UniGenDet") -> dict[str, torch.Tensor]:
-    """BAGEL stores SigLIP's patch embedding as a Linear over channel-last patches: make it a conv."""
+def release_to_ours(state: dict[str, torch.Tensor], conv_shape: torch.Size) -> dict[str, torch.Tensor]:
+    """BAGEL stores SigLIP's patch embedding as a Linear over channel-last patches: make it a conv
+    of ``conv_shape`` (the model's ``patch_embedding.weight.shape``)."""
     key = "vit_model.vision_model.embeddings.patch_embedding.weight"
-    w, conv = state.get(key), model.vit_model.vision_model.embeddings.patch_embedding.weight
+    w = state.get(key)
     if w is not None and w.ndim == 2:
-        state = {**state, key: patch_weight_from_linear(w, conv.shape, key)}
+        state = {**state, key: patch_weight_from_linear(w, conv_shape, key)}
     return state

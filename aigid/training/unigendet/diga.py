@@ -15,7 +15,7 @@ code's ``[VAE] [forensic prompt with the caption] [ViT]`` (:func:`teacher_inputs
 Unlike the released loop (which swallowed every exception per step and so never applied
 DIGA's loss), errors here propagate.
 
-Distributed: as GDUF (``run=RunOptions(...)``, :class:`aigid.training.unigendet.gduf.RunOptions`). DIGA's
+Distributed: as GDUF (``run=RunOptions(...)``, :class:`aigid.training.unigendet.common.RunOptions`). DIGA's
 teacher is a second model built from the same weights (:func:`aigid.training.unigendet.gduf.build_teacher`),
 never a deep copy of a sharded student.
 """
@@ -28,11 +28,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from aigid.models.unigendet import DetInputs, UniGenDet
 from aigid.training import dist as adist
 from aigid.training.dist import DistContext
-from aigid.models.unigendet import DetInputs, UniGenDet
-from aigid.training.unigendet.gduf import (EMA, TEACHER_PROMPTS, DIGAConfig, GenerationItem, RunOptions, _fm_sum,
-                                   _gen_tokens, _plan, _ratio, _run, _vit_calls, generation_batch)
+from aigid.training.unigendet.common import (EMA, TEACHER_PROMPTS, DIGAConfig, GenerationItem, RunOptions,
+                                             _fm_sum, _gen_tokens, _plan, _ratio, _vit_calls,
+                                             generation_batch)
+from aigid.training.unigendet.loop import _run
 from aigid.training.unigendet.shard import is_sharded
 
 __all__ = ["make_teacher", "diga_layer_index", "diga_trainable_names", "DIGA_CODE_PROMPT", "teacher_inputs",

@@ -31,15 +31,16 @@ from typing import Any, Iterator, Union
 import torch
 from tqdm.auto import tqdm
 
-from aigid.training import dist
 from aigid.data.transforms import eval_transform
 from aigid.data.unigendet_sources import open_source
 from aigid.data.unigendet_stream import Pack, TokenCounter, UniGenDetStream
 from aigid.models.unigendet import UniGenDet, UniGenDetConfig
+from aigid.training import dist
 from aigid.training.dist import DistContext
-from aigid.training.unigendet.gduf import (DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, RunOptions,
-                                   build_sharded, build_teacher, export_pretrained, train_gduf)
+from aigid.training.unigendet.common import DetectionItem, DIGAConfig, GDUFConfig, GenerationItem, RunOptions
 from aigid.training.unigendet.diga import train_diga
+from aigid.training.unigendet.gduf import train_gduf
+from aigid.training.unigendet.shard import build_sharded, build_teacher, export_pretrained
 
 __all__ = ["run_unigendet_training", "build_stream", "token_counter", "gduf_batches", "diga_batches",
            "load_data_config", "STAGES"]
@@ -133,7 +134,7 @@ def diga_batches(packs: Iterator[Pack]) -> Iterator[list[GenerationItem]]:
 # ---- the run --------------------------------------------------------------------------------------
 def _build_model(config: dict[str, Any], ctx: DistContext) -> UniGenDet:
     """One process: the folder or the named config. Under torchrun: sharded with FSDP2 from a
-    folder, rank 0 reading the weights (:func:`aigid.training.unigendet.gduf.build_sharded`)."""
+    folder, rank 0 reading the weights (:func:`aigid.training.unigendet.shard.build_sharded`)."""
     name = config.get("model", "tiny")
     load = {"allow_random_heads": config.get("allow_random_heads", True)}
     if config.get("checkpoint"):

@@ -1,27 +1,25 @@
 """UniGenDet under torchrun: FSDP2 sharding per layer, loading on the meta device with rank 0
 reading the weights, DIGA's teacher as a second sharded model, and rank-0 export in BAGEL's key
-names. The training loops in :mod:`aigid.training.unigendet.gduf` call these; one process never needs them."""
+names. The training loop (:mod:`aigid.training.unigendet.loop`) calls these; one process never needs them."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from aigid.models.unigendet import UniGenDet, UniGenDetConfig
 from aigid.training import dist as adist
 from aigid.training.dist import DistContext
-from aigid.models.unigendet import UniGenDet, UniGenDetConfig
-
-if TYPE_CHECKING:
-    from aigid.training.unigendet.gduf import EMA
+from aigid.training.unigendet.common import EMA
 
 __all__ = ["shard_unigendet", "build_sharded", "build_teacher", "export_pretrained", "is_sharded",
            "is_dtensor", "full_tensor"]
 
-log = logging.getLogger("aigid.training.unigendet.gduf")
+log = logging.getLogger("aigid.training.unigendet")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
