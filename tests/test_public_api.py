@@ -60,5 +60,5 @@ def test_the_public_names_are_the_same_objects_as_their_homes():
     assert (aigid.scan, aigid.train, aigid.evaluate, aigid.load_detector, aigid.TrainConfig) == \
         (scan, train, evaluate, load_detector, TrainConfig)
     assert aigid.__version__ == __version__
-    assert sorted(aigid.__all__) == sorted(["load_detector", "train", "evaluate", "scan", "MiraGe",
+    assert sorted(aigid.__all__) == sorted(["load_detector", "train", "evaluate", "scan", "Batcher", "MiraGe",
                                             "MiraGeConfig", "TrainConfig", "__version__"])

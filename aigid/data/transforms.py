@@ -122,6 +122,7 @@ class Prepared:
     kept: list[int]                                  # their indices in the input
     errors: dict[int, str]                           # index → reason, for the items left out
     count: int                                       # items given
+    offset: int = 0                                  # index of the first item in the whole input
 
     def stacked(self, device: Union[str, torch.device]) -> torch.Tensor:
         """One (M, 3, H, W) batch on ``device``; (0, 3, 0, 0) when no item was usable."""
@@ -156,7 +157,8 @@ def _items(images: Any) -> list:
         return [images]
 
 
-def _item_pixels(item: Any, transform: Transform) -> torch.Tensor:
+def item_pixels(item: Any, transform: Transform) -> torch.Tensor:
+    """One item (not a float batch) → its preprocessed pixels; raise ``ImageError`` with a reason."""
     if isinstance(item, torch.Tensor) and item.is_floating_point():
         check_pixels(item, batch_ok=False)
         return item
@@ -187,7 +189,7 @@ def prepare(images: ImageInput, transform: Transform, *, errors: Errors = "raise
     pixels, kept, failed = [], [], {}
     for i, item in enumerate(items):
         try:
-            pixels.append(_item_pixels(item, transform))
+            pixels.append(item_pixels(item, transform))
             kept.append(i)
         except ImageError as err:
             reason = err.reason if isinstance(err, InputError) else str(err)

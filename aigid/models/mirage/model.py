@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +25,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aigid import ops
+from aigid.data.chunks import prepared_chunks
+from aigid.data.transforms import Errors, ImageInput, Prepared, Transform, eval_transform, to_pixels
 from aigid.models.calibration import calibrate_scores, stored_threshold
-from aigid.data.transforms import Errors, ImageInput, eval_transform, prepare, to_pixels
 from aigid.models.card import drop_hf_fields, hf_fields, write_model_card
 from aigid.models.checkpoint import save_state_dict
 from aigid.models.configs import shipped_config
 from aigid.models.mirage.clip_backbone import build_backbone
 from aigid.models.mirage.clip_prompts import DeepPrompts, PromptedTextEncoder, PromptedVisionEncoder
 from aigid.models.mirage.memory_bank import MemoryBank
+from aigid.models.streaming import collect, default_batch_size, stream
 
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FILE = "config.json", "model.safetensors", "backbone.safetensors"
 
@@ -171,22 +173,15 @@ class MiraGe(nn.Module):
         device (``errors="skip"`` leaves unusable items out; see ``aigid.data.transforms.prepare``)."""
         return to_pixels(images, self._transform, self.device, errors=errors)
 
+    @property
+    def transform(self) -> Transform:
+        """An RGB PIL image → this detector's normalised (3, H, W) pixels (its eval preprocessing)."""
+        return self._transform
+
     @torch.no_grad()
-    def predict(self, images: ImageInput, *, errors: Errors = "raise", return_errors: bool = False,
-                calibrated: bool = True) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
-        """P(fake) per image, (N,) float32 on CPU; calibrated by ``config.calibration`` when one
-        is stored (``aigid calibrate``) unless ``calibrated=False`` (the raw softmax).
-
-        ``images``: one image or a list — paths, bytes, binary file objects, PIL images of any
-        mode, uint8 numpy arrays (H, W[, C]) or uint8 tensors ((C, H, W) / (H, W, C)), each
-        decoded as the same file on disk would be and preprocessed by this detector — or a float
-        tensor of pixels already preprocessed ((3, H, W) / (N, 3, H, W), see ``preprocess``).
-
-        ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
-        naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
-        warning is logged; with ``return_errors=True`` the call returns ``(scores, {index:
-        reason})`` so callers can tell which items were left out and why."""
-        prep = prepare(images, self._transform, errors=errors)
+    def score_prepared(self, prep: Prepared, calibrated: bool = True) -> torch.Tensor:
+        """P(fake) for one prepared chunk (``aigid.data.transforms.Prepared``), one per item given,
+        NaN where an item was left out; float32 on CPU, calibrated unless ``calibrated=False``."""
         scores = torch.zeros(0)
         if prep.kept:
             pixels = prep.stacked(self.device)
@@ -195,9 +190,41 @@ class MiraGe(nn.Module):
                 logits = self(pixels)["logits"]
             scores = logits.float().softmax(-1)[:, 1].cpu()
         scores = prep.scatter(scores)
-        if calibrated:
-            scores = calibrate_scores(self.config, scores)
-        return (scores, prep.errors) if return_errors else scores
+        return calibrate_scores(self.config, scores) if calibrated else scores
+
+    def _chunks(self, images: ImageInput, batch_size: Optional[int], errors: Errors,
+                workers: Optional[int]) -> Iterator[Prepared]:
+        size = batch_size or default_batch_size(self.device, cuda=64, cpu=32)
+        return prepared_chunks(images, self._transform, size, errors=errors, workers=workers)
+
+    def predict(self, images: ImageInput, *, batch_size: Optional[int] = None, errors: Errors = "raise",
+                return_errors: bool = False, calibrated: bool = True, workers: Optional[int] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
+        """P(fake) per image, (N,) float32 on CPU; calibrated by ``config.calibration`` when one
+        is stored (``aigid calibrate``) unless ``calibrated=False`` (the raw softmax).
+
+        ``images``: one image, a list or any iterable — paths, bytes, binary file objects, PIL
+        images of any mode, uint8 numpy arrays (H, W[, C]) or uint8 tensors ((C, H, W) / (H, W,
+        C)), each decoded as the same file on disk would be and preprocessed by this detector — or
+        a float tensor of pixels already preprocessed ((3, H, W) / (N, 3, H, W), see ``preprocess``).
+        They are decoded on ``workers`` threads (default 2; 0: in this thread) and scored
+        ``batch_size`` at a time (default 32 on CPU, 64 on CUDA), so memory does not grow with
+        their number; ``predict_iter`` yields the scores as they come.
+
+        ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
+        naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
+        warning is logged; with ``return_errors=True`` the call returns ``(scores, {index:
+        reason})`` so callers can tell which items were left out and why."""
+        return collect(self._chunks(images, batch_size, errors, workers),
+                       lambda prep: self.score_prepared(prep, calibrated), return_errors)
+
+    def predict_iter(self, images: ImageInput, *, batch_size: Optional[int] = None, errors: Errors = "raise",
+                     return_errors: bool = False, calibrated: bool = True, workers: Optional[int] = None
+                     ) -> Iterator[Union[float, tuple[float, Optional[str]]]]:
+        """``predict`` as a stream: P(fake) per item in input order, each batch's as it finishes
+        (``(score, reason or None)`` with ``return_errors``); ``images`` may be an endless iterable."""
+        return stream(self._chunks(images, batch_size, errors, workers),
+                      lambda prep: self.score_prepared(prep, calibrated), return_errors)
 
     @property
     def threshold(self) -> float:

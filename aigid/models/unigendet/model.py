@@ -34,28 +34,31 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms import v2 as T
 
 from aigid.data.bagel_resize import BagelResize
-from aigid.data.transforms import Errors, ImageInput, Prepared, eval_transform, is_single, prepare
+from aigid.data.chunks import prepared_chunks
+from aigid.data.transforms import Errors, ImageInput, Prepared, Transform, eval_transform, is_single, prepare
 from aigid.errors import MissingHeadError
+from aigid.models.calibration import calibrate_scores, stored_threshold
 from aigid.models.card import hf_fields, write_model_card
-from aigid.models.checkpoint import load_into, save_state_dict
+from aigid.models.checkpoint import save_state_dict
 from aigid.models.unigendet import flow
+from aigid.models.streaming import collect, default_batch_size, stream
 from aigid.models.unigendet.config import GENERATION_PRESETS, UniGenDetConfig
+from aigid.models.unigendet.decode import parse_verdict
 from aigid.models.unigendet.inputs import DetInputs, GenInputs, Generated, Images, PackBuilder, PackOutput
 from aigid.models.unigendet.modules import (MLPConnector, PositionEmbedding, TimestepEmbedder,
                                             patchify_latents, sincos_2d, unigendet_heads,
                                             unpatchify_latents)
 from aigid.models.unigendet.mot import MoTForCausalLM
-from aigid.models.unigendet.release import read_release_weights, release_config, release_to_ours
+from aigid.models.unigendet.loading import CONFIG_FILE, VAE_FILE, WEIGHTS_FILE, load_pretrained
 from aigid.models.unigendet.vae import build_vae, has_vae
 from aigid.models.unigendet.vae import decode_latents as vae_decode
 from aigid.models.unigendet.vae import encode_latents as vae_encode
@@ -69,9 +72,7 @@ __all__ = ["UniGenDetConfig", "UniGenDet", "DetInputs", "GenInputs", "PackOutput
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, WEIGHTS_FILE, VAE_FILE = "config.json", "model.safetensors", "vae.safetensors"
 FAKE_CLASS, REAL_CLASS = 0, 1                      # fake_cls_head's class order (the released code's)
-UNIGENDET_ONLY = ("fake_cls_head.", "diga_mlp.", "latent_to_vit_connector.")  # absent from BAGEL releases
 
 
 def fake_label_to_class(labels: torch.Tensor) -> torch.Tensor:
@@ -384,16 +385,60 @@ class UniGenDet(nn.Module):
         with self._autocast():
             return self(det=self.detection_inputs(pixels, latents=latents)).cls_logits.float()
 
+    @property
+    def transform(self) -> Transform:
+        """An RGB PIL image → this detector's VAE image (BAGEL's resize, [-1, 1]; its preprocessing)."""
+        return self._transform
+
     @torch.no_grad()
+    def score_prepared(self, prep: Prepared, *, verdict: Optional[str] = None,
+                       max_new_tokens: Optional[int] = None, calibrated: bool = True,
+                       latents: Optional[Images] = None) -> torch.Tensor:
+        """P(fake) for one prepared chunk (``aigid.data.transforms.Prepared``, images of any sizes),
+        one per item given, NaN where an item was left out; ``latents``: one per item given."""
+        verdict = verdict or self.config.verdict
+        self.check_ready(verdict)
+        pixels = [im.to(self.device) for im in prep.pixels]
+        if latents is not None and prep.errors:
+            lat = _as_list(latents)
+            latents = [lat[i] for i in prep.kept]
+        scores = torch.zeros(0)  # stays empty when no item was usable (errors="skip")
+        if pixels and verdict == "head":
+            scores = self.detect_logits(pixels, latents).softmax(-1)[:, FAKE_CLASS].cpu()
+        elif pixels:
+            texts = self.explain(pixels, latents=latents, greedy=True,
+                                 question=self.config.question + self.config.answer_format_hint,
+                                 max_new_tokens=max_new_tokens or self.config.text_max_new_tokens)
+            labels = [parse_verdict(t) for t in texts]
+            scores = torch.tensor([float("nan") if v is None else float(v) for v in labels])
+        scores = prep.scatter(scores)
+        return calibrate_scores(self.config, scores) if calibrated and verdict == "head" else scores
+
+    def _scored_chunks(self, images: ImageInput, latents: Optional[Images], batch_size: Optional[int],
+                       errors: Errors, workers: Optional[int], **score: Any
+                       ) -> tuple[Iterator[Prepared], Callable[[Prepared], torch.Tensor]]:
+        self.check_ready(score.get("verdict"))
+        lat = None if latents is None else _as_list(latents)
+        size = batch_size or default_batch_size(self.device, cuda=16, cpu=4)
+        chunks = prepared_chunks(images, self._transform, size, errors=errors, workers=workers)
+
+        def scorer(prep: Prepared) -> torch.Tensor:
+            part = None if lat is None else lat[prep.offset:prep.offset + prep.count]
+            return self.score_prepared(prep, latents=part, **score)
+        return chunks, scorer
+
     def predict(self, images: ImageInput, latents: Optional[Images] = None, *,
                 verdict: Optional[str] = None, max_new_tokens: Optional[int] = None,
-                errors: Errors = "raise", return_errors: bool = False, calibrated: bool = True
+                errors: Errors = "raise", return_errors: bool = False, calibrated: bool = True,
+                batch_size: Optional[int] = None, workers: Optional[int] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[int, str]]]:
         """P(fake) per image, (N,) float32 on CPU.
 
         ``images``: as MiraGe's ``predict`` takes them (paths, bytes, binary files, PIL images of
-        any mode, uint8 arrays/tensors, each decoded as the same file on disk) or preprocessed
-        float tensors (see ``preprocess``); ``latents``, when given, one per image.
+        any mode, uint8 arrays/tensors, each decoded as the same file on disk; a list or any
+        iterable) or preprocessed float tensors (see ``preprocess``); ``latents``, when given, one
+        per image. Decoded on ``workers`` threads and scored ``batch_size`` at a time (default 4
+        on CPU, 16 on CUDA), so memory does not grow with their number (``predict_iter`` streams).
         ``verdict="head"`` (default ``config.verdict``): softmax of ``fake_cls_head``.
         ``verdict="text"``: greedy answer to the question + the public evaluation's format hint,
         parsed as ``eval/det/fakevlm_test.py`` does — 1.0 "fake", 0.0 "real", NaN when the answer
@@ -405,32 +450,24 @@ class UniGenDet(nn.Module):
         ``errors="raise"`` (default): an unusable item raises ``aigid.data.images.InputError``
         naming its index, path or kind, and the reason. ``errors="skip"``: its score is NaN and a
         warning is logged; ``return_errors=True`` returns ``(scores, {index: reason})``."""
-        verdict = verdict or self.config.verdict
-        self.check_ready(verdict)
-        pixels, prep = self._prepare(images, errors)
-        if latents is not None and prep.errors:
-            lat = _as_list(latents)
-            latents = [lat[i] for i in prep.kept]
-        scores = torch.zeros(0)  # stays empty when no item was usable (errors="skip")
-        if pixels and verdict == "head":
-            scores = self.detect_logits(pixels, latents).softmax(-1)[:, FAKE_CLASS].cpu()
-        elif pixels:
-            texts = self.explain(pixels, latents=latents, greedy=True,
-                                 question=self.config.question + self.config.answer_format_hint,
-                                 max_new_tokens=max_new_tokens or self.config.text_max_new_tokens)
-            from aigid.models.unigendet.decode import parse_verdict
-            labels = [parse_verdict(t) for t in texts]
-            scores = torch.tensor([float("nan") if v is None else float(v) for v in labels])
-        scores = prep.scatter(scores)
-        if calibrated and verdict == "head":
-            from aigid.models.calibration import calibrate_scores
-            scores = calibrate_scores(self.config, scores)
-        return (scores, prep.errors) if return_errors else scores
+        chunks, scorer = self._scored_chunks(images, latents, batch_size, errors, workers, verdict=verdict,
+                                             max_new_tokens=max_new_tokens, calibrated=calibrated)
+        return collect(chunks, scorer, return_errors)
+
+    def predict_iter(self, images: ImageInput, latents: Optional[Images] = None, *,
+                     verdict: Optional[str] = None, max_new_tokens: Optional[int] = None,
+                     errors: Errors = "raise", return_errors: bool = False, calibrated: bool = True,
+                     batch_size: Optional[int] = None, workers: Optional[int] = None
+                     ) -> Iterator[Union[float, tuple[float, Optional[str]]]]:
+        """``predict`` as a stream: P(fake) per item in input order as each batch finishes
+        (``(score, reason or None)`` with ``return_errors``)."""
+        chunks, scorer = self._scored_chunks(images, latents, batch_size, errors, workers, verdict=verdict,
+                                             max_new_tokens=max_new_tokens, calibrated=calibrated)
+        return stream(chunks, scorer, return_errors)
 
     @property
     def threshold(self) -> float:
         """Label = fake when P(fake) > this: the threshold stored by ``aigid calibrate``, else 0.5."""
-        from aigid.models.calibration import stored_threshold
         return stored_threshold(self.config)
 
     @torch.no_grad()
@@ -533,51 +570,8 @@ class UniGenDet(nn.Module):
         Release weights are assigned into a model built on the meta device (no second 7B copy);
         ``dtype`` casts everything (e.g. ``torch.bfloat16``).
         """
-        directory = os.fspath(directory)
-        ours = os.path.join(directory, CONFIG_FILE)
-        raw = None
-        if os.path.isfile(ours):
-            with open(ours) as f:
-                raw = json.load(f)
-        if raw is not None and raw.get("arch") == "unigendet" and os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
-            model = cls(config or UniGenDetConfig.from_dict(raw))
-            state = read_release_weights(directory, checkpoint, weights or WEIGHTS_FILE)
-            model._check_loaded(load_into(model, state, strict=False), directory, allow_random_heads, None)
-            vae_file = os.path.join(directory, VAE_FILE)
-            if os.path.isfile(vae_file):
-                model.vae.load_state_dict(load_file(vae_file, device=map_location))
-            return model
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{directory!r} is neither a saved UniGenDet nor a BAGEL release folder")
-        config = config or release_config(directory)
-        with torch.device("meta"):
-            model = cls(config)
-        state = release_to_ours(read_release_weights(directory, checkpoint, weights),
-                                model.vit_model.vision_model.embeddings.patch_embedding.weight.shape)
-        model._check_loaded(load_into(model, state, strict=False, dtype=dtype), directory,
-                            allow_random_heads, dtype)
-        if dtype is not None:
-            model.to(dtype)
-        return model.to(map_location)
-
-    def _check_loaded(self, report, directory: str, allow_random_heads: bool,
-                      dtype: Optional[torch.dtype]) -> None:
-        """Anything missing but UniGenDet's own heads is an error; missing heads are randomly
-        initialised and recorded (``random_heads``), so ``check_ready`` can refuse to score."""
-        missing = [k for k in report.missing if not k.startswith(UNIGENDET_ONLY)]
-        if missing or report.unexpected:
-            raise ValueError(f"{directory}: checkpoint does not match this config; missing "
-                             f"{missing[:8]}, unexpected {list(report.unexpected)[:8]}")
-        fresh = unigendet_heads(self.hidden_size, self.patch_latent_dim)
-        for name, module in fresh.items():
-            if any(k.startswith(name + ".") for k in report.missing):
-                setattr(self, name, module.to(dtype) if dtype is not None else module)
-                self.random_heads.append(name)
-        if self.random_heads:
-            log.warning("UniGenDet: %s has no %s; randomly initialised%s", directory,
-                        ", ".join(self.random_heads),
-                        "" if allow_random_heads else " (predict raises until a checkpoint supplies them)")
-        self.source, self.allow_random_heads = directory, allow_random_heads
+        return load_pretrained(cls, directory, checkpoint, config=config, weights=weights,
+                               allow_random_heads=allow_random_heads, map_location=map_location, dtype=dtype)
 
 
 # ---- helpers --------------------------------------------------------------------------------
