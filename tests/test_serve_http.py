@@ -117,8 +117,13 @@ def test_over_the_limit_is_refused_from_content_length_before_the_body(server):
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   b"Content-Length: 1000000000\r\n\r\n")  # and never a byte of the body
-        reply = s.recv(4096).decode()
-    assert reply.startswith("HTTP/1.1 413") and "--max-image-bytes" in reply
+        reply = b""
+        while not reply.rstrip().endswith(b"}"):  # headers and the JSON body may come apart
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"--max-image-bytes" in reply
 
 
 def test_over_the_limit_while_reading_a_chunked_body(server):
