@@ -85,7 +85,8 @@ def readme_workdir(tmp_path, monkeypatch):
 def test_the_swaps_leave_the_readme_calls_intact():
     """Catches a swap that rewrites more than the weights and step counts (a stale test)."""
     block = readme_block()
-    for call in ("aigid.train(", "aigid.load_detector(", "detector.predict(", "aigid.evaluate(",
+    for call in ("aigid.train(", "aigid.load_detector(", "detector.predict(", "detector.predict_iter(",
+                 "aigid.Batcher(", "batcher.submit(", "aigid.evaluate(",
                  "save_pretrained(", "UniGenDet.from_pretrained(", "model.explain(", "model.generate(",
                  "ops.supcon_bank_loss(", "ops.smsa_attention("):
         assert call in swapped(block)
@@ -96,6 +97,7 @@ def test_python_api_block_runs(readme_workdir):
     exec(compile(PRELUDE, "prelude", "exec"), namespace)
     exec(compile(swapped(readme_block()), str(README) + ":Python API", "exec"), namespace)
     assert namespace["p_fake"].shape == (1,) and 0 <= float(namespace["p_fake"][0]) <= 1
+    assert 0 <= namespace["p"] <= 1  # the Batcher's score
     assert os.path.isfile(readme_workdir / "export" / "config.json")
     assert os.path.isfile(readme_workdir / "runs" / "mirage" / "model.safetensors")
     assert torch.isfinite(namespace["loss"]) and namespace["out"].shape == namespace["q"].shape

@@ -182,3 +182,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_mirage_folder):
     assert proc.wait(timeout=60) == 0, "".join(lines)
     proc.reader.join(timeout=30)
     assert any("Application shutdown complete" in line for line in lines)
+
+
+def test_cli_mistakes_get_one_line(tmp_path, capsys):
+    from aigid.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aigid serve:") and "nope" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), "--port", "70000"])
+    assert exit_.value.code == 2 and "port" in capsys.readouterr().err
