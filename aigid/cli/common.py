@@ -18,7 +18,8 @@ def _load_detector(args):
 
     try:
         return load_detector(args.detector, cache_dir=args.cache_dir, device=str(device_of(args.device)),
-                             checkpoint=args.checkpoint, download=args.allow_download)
+                             checkpoint=args.checkpoint, download=args.allow_download,
+                             precision=getattr(args, "precision", None))
     except pickle.UnpicklingError:
         raise CommandFailed(f"{args.checkpoint or args.detector}: holds pickled objects other than "
                             f"weights, which aigid does not load") from None
@@ -109,3 +110,10 @@ def _set_verdict(detector, verdict) -> None:
     if getattr(getattr(detector, "config", None), "verdict", None) is None:
         raise UsageError("--verdict applies to UniGenDet detectors only")
     detector.config.verdict = verdict
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="compute in fp32 or bf16 (bf16 weights on a CPU); auto: bf16 on CUDA, and on CPUs "
+                   "with AMX/AVX512-BF16 once bf16's agreement is shown (aigid backends says). Default: "
+                   "bf16 autocast on CUDA, fp32 on CPU")

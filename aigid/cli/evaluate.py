@@ -7,8 +7,8 @@ import os
 
 from aigid.cli.checks import (CommandFailed, UsageError, _detector_arg, _device, _labelled, _writable_dir,
                               _writable_parent)
-from aigid.cli.common import (_add_allow_download, _add_detector, _add_runtime, _command, _load_detector,
-                              _print_json, _set_verdict)
+from aigid.cli.common import (_add_allow_download, _add_detector, _add_precision, _add_runtime, _command,
+                              _load_detector, _print_json, _set_verdict)
 
 log = logging.getLogger("aigid.cli")
 
@@ -128,6 +128,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--robustness", help="re-score under perturbations: 'sidbench' (JPEG 95/90/50/30, "
                    "blur sigma 2/4) or a list like jpeg90,blur2 (default: none)")
     _add_runtime(e, batch_size=64)
+    _add_precision(e)
 
 
 def _add_calibrate(sub) -> None:

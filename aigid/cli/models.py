@@ -26,8 +26,9 @@ def _cmd_export_model(args) -> int:
 
 def _cmd_backends(args) -> int:
     from aigid import backends
+    from aigid.models.precision import auto_choice
 
-    print(json.dumps(backends.available(), indent=2))
+    print(json.dumps({**backends.available(), "precision_auto": auto_choice()}, indent=2))
     return 0
 
 

@@ -9,7 +9,8 @@ import sqlite3
 
 from aigid.cli.checks import (CommandFailed, UsageError, _detector_arg, _device, _export_target, _positive,
                               _probability, _results_file, _writable_parent)
-from aigid.cli.common import _add_detector, _add_runtime, _command, _load_detector, _print_json, _set_verdict
+from aigid.cli.common import (_add_detector, _add_precision, _add_runtime, _command, _load_detector,
+                              _print_json, _set_verdict)
 
 log = logging.getLogger("aigid.cli")
 
@@ -29,7 +30,8 @@ def _check_scan(args) -> None:
         # settings: say so rather than ignore a flag that would change the local scan
         ignored = [flag for flag, given in (("--verdict", args.verdict is not None),
                                             ("--decoder", args.decoder != "auto"),
-                                            ("--workers", args.workers is not None)) if given]
+                                            ("--workers", args.workers is not None),
+                                            ("--precision", args.precision is not None)) if given]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} cannot be used with --ray (Ray decodes in "
                              "its own tasks, sized by --items-per-task, and scores with the "
@@ -137,6 +139,7 @@ def _add_scan(sub) -> None:
     s.add_argument("--verdict", choices=("head", "text"), help="UniGenDet: detection head (default) "
                    "or the generated answer's wording")
     _add_runtime(s, batch_size=64)
+    _add_precision(s)
     s.set_defaults(workers=None)  # scan picks its own decode workers
     for action in s._actions:
         if action.dest == "workers":

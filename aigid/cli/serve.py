@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 
 from aigid.cli.checks import UsageError, _detector_arg, _device, _float_in, _non_negative, _positive, _probability
-from aigid.cli.common import _add_allow_download, _command, _load_detector
+from aigid.cli.common import _add_allow_download, _add_precision, _command, _load_detector
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "python_multipart")
 
@@ -63,3 +63,4 @@ def _add_serve(sub) -> None:
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     s.add_argument("--cache-dir", help="where open_clip tag weights are looked up")
     _add_allow_download(s)
+    _add_precision(s)

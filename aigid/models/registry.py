@@ -6,6 +6,8 @@ import os
 import warnings
 from typing import Optional
 
+from aigid.models.precision import set_precision
+
 CONFIG_FILE = "config.json"  # every detector folder's config (MiraGe's and UniGenDet's)
 
 
@@ -35,14 +37,18 @@ def _arch_of(folder: str) -> str:
 
 
 def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Optional[str] = None,
-                  checkpoint: Optional[str] = None, download: bool = False):
+                  checkpoint: Optional[str] = None, download: bool = False,
+                  precision: Optional[str] = None):
     """Load a detector saved with ``save_pretrained`` (or a BAGEL/UniGenDet release folder), or
     build a named config: ``mirage-tiny``, ``mirage-vit-l-14``, ``unigendet-tiny``, ``unigendet-bagel-7b``.
 
     ``checkpoint``: fine-tuned weights merged over a UniGenDet/BAGEL base folder (as the public
     code loads UniGenDet). ``download``: MiraGe may fetch a missing backbone tag (never by
-    default: weights are looked up in the local caches only). A named config gives an *untrained* detector (its prompts are random): useful to train
-    from, or to measure speed, never to trust its scores.
+    default: weights are looked up in the local caches only). A named config gives an *untrained*
+    detector (its prompts are random): useful to train from, or to measure speed, never to trust
+    its scores. ``precision``: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on CUDA and on CPUs with
+    AMX/AVX512-BF16, else fp32; see ``aigid.models.precision``); ``None`` (default) keeps what
+    aigid always did, bf16 autocast on CUDA and fp32 on a CPU. ``detector.precision`` says which.
     """
     if os.path.isdir(name_or_path):
         arch = _arch_of(name_or_path)
@@ -68,4 +74,6 @@ def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Op
     else:
         raise FileNotFoundError(f"{name_or_path!r} is neither a detector folder nor a known name "
                                 "(mirage-tiny, mirage-vit-l-14, unigendet-tiny, unigendet-bagel-7b)")
-    return model.to(device).eval() if device else model.eval()
+    model = model.to(device).eval() if device else model.eval()
+    set_precision(model, precision)
+    return model

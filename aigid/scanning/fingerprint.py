@@ -16,16 +16,18 @@ wrong id.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, is_dataclass
-from typing import Any, Iterable, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 import torch
 
+# the hashing lives with the models (a precision change must keep a detector's id); re-exported
+from aigid.models.identity import _config_json, config_dict, detector_layout, fingerprint, layout, model_id  # noqa: F401
+
 __all__ = ["FolderIdentity", "fingerprint", "layout", "detector_layout", "identity_of_folder",
-           "model_id_of_folder"]
+           "model_id_of_folder", "model_id", "config_dict"]
 
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_PREFIX = "config.json", "model.safetensors", "clip."
 
@@ -36,54 +38,6 @@ class FolderIdentity:
     layout: str  # equals detector_layout(load_detector(folder))
     config: dict[str, Any]  # the loaded detector's config as a dict (what runs record)
     preprocess: dict[str, Any]
-
-
-def _config_json(config: dict[str, Any]) -> bytes:
-    return json.dumps(config, sort_keys=True, default=str).encode()
-
-
-def fingerprint(config: dict[str, Any], arch: str,
-                tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """``"<arch>-<16 hex>"`` exactly as ``model_id`` computes it; ``tensors`` must
-    come sorted by name."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(_config_json(config))
-    for name, tensor in tensors:
-        t = tensor.detach().reshape(-1).cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy())
-    return f"{config.get('arch') or arch}-{h.hexdigest()}"
-
-
-def layout(config: dict[str, Any], shapes: Iterable[tuple[str, torch.dtype, tuple]]) -> str:
-    """Digest of the config and the sorted (name, dtype, shape) of every tensor: no bytes."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(_config_json(config))
-    for name, dtype, shape in sorted(shapes, key=lambda s: s[0]):
-        h.update(f"{name}|{dtype}|{tuple(shape)}\n".encode())
-    return h.hexdigest()
-
-
-def config_dict(detector) -> dict[str, Any]:
-    config = getattr(detector, "config", None)
-    if is_dataclass(config):
-        return asdict(config)
-    if isinstance(config, dict):
-        return dict(config)
-    return dict(vars(config)) if config is not None else {}
-
-
-def model_id(detector) -> str:
-    """``"<arch>-<16 hex>"``: blake2b of the config (JSON, sorted keys) and every tensor of the
-    state dict (name, dtype, shape, bytes). Same weights and config → same id on any machine."""
-    config = config_dict(detector)
-    return fingerprint(config, type(detector).__name__.lower(), sorted(detector.state_dict().items()))
-
-
-def detector_layout(detector) -> str:
-    return layout(config_dict(detector),
-                  ((k, v.dtype, tuple(v.shape)) for k, v in detector.state_dict().items()))
 
 
 def _load_json(folder: str) -> Optional[dict[str, Any]]:

@@ -195,7 +195,9 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
             if resume:
                 skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors),
                                      workers + 1)
-            run = store.start_run(mid, detector=config_dict(detector), preprocess=preprocess,
+            # the precision it computes in beside its config: scores differ slightly between them
+            ran_as = {**config_dict(detector), "precision": getattr(detector, "precision", None)}
+            run = store.start_run(mid, detector=ran_as, preprocess=preprocess,
                                   threshold=threshold, decoder=chosen, paths=paths)
     except BaseException:
         store.close()

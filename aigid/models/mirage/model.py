@@ -178,14 +178,19 @@ class MiraGe(nn.Module):
         """An RGB PIL image → this detector's normalised (3, H, W) pixels (its eval preprocessing)."""
         return self._transform
 
+    def bf16_modules(self) -> list[nn.Module]:
+        """What ``set_precision("bf16")`` casts on a CPU: the vision tower, where the time goes."""
+        return [self.clip.visual]
+
     @torch.no_grad()
     def score_prepared(self, prep: Prepared, calibrated: bool = True) -> torch.Tensor:
         """P(fake) for one prepared chunk (``aigid.data.transforms.Prepared``), one per item given,
         NaN where an item was left out; float32 on CPU, calibrated unless ``calibrated=False``."""
         scores = torch.zeros(0)
         if prep.kept:
-            pixels = prep.stacked(self.device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda)
+            pixels = prep.stacked(self.device).to(self.clip.visual.conv1.weight.dtype)  # bf16 once recast
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                      enabled=pixels.is_cuda and getattr(self, "precision", "bf16") == "bf16")
             with autocast:
                 logits = self(pixels)["logits"]
             scores = logits.float().softmax(-1)[:, 1].cpu()

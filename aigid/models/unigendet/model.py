@@ -363,7 +363,8 @@ class UniGenDet(nn.Module):
 
     # ---- inference ----------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast("cuda", dtype=torch.bfloat16,  # off only when set_precision chose fp32
+                              enabled=self.device.type == "cuda" and getattr(self, "precision", "bf16") == "bf16")
 
     def check_ready(self, verdict: Optional[str] = None) -> None:
         """Raise when this model cannot score: a head-less load (a BAGEL base without a

@@ -1,0 +1,93 @@
+"""CPU precision: fp32 vs bf16 weights (what ``auto`` picks on a CPU with AVX512-BF16/AMX), for
+``predict`` on preprocessed pixels and for ``aigid.scan`` end to end on JPEGs, side by side in one
+run with this machine's own matmul limit per dtype (a 2048² matmul, measured here). MiraGe at
+ViT-B/32 with random weights (8.8 GFLOP per 224² image), batch 16, the process's threads.
+
+    pytest benchmarks/test_precision.py --benchmark-only -s
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from _images import photo_like_jpeg
+from _report import record_comparison
+
+VIT_B32_GFLOP = 8.8
+BATCH = 16
+ROUNDS = 5
+
+
+def _matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9
+
+
+@pytest.fixture(scope="module")
+def limits():
+    return {"fp32": _matmul_gflops(torch.float32), "bf16": _matmul_gflops(torch.bfloat16)}
+
+
+def _vit_b32(precision: str):
+    from aigid.models.mirage import MiraGe, MiraGeConfig
+    from aigid.models.precision import set_precision
+
+    config = MiraGeConfig.named("vit-l-14")
+    config.backbone = {"model": "ViT-B-32", "pretrained": None}  # random weights: speed only
+    model = MiraGe(config, seed=0).eval()
+    set_precision(model, precision)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {p: _vit_b32(p) for p in ("fp32", "bf16")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predict_pixels(benchmark, models, limits, precision):
+    model = models[precision]
+    pixels = torch.randn(BATCH, 3, 224, 224).clamp(-2, 2)
+    model.predict(pixels)
+    benchmark.group = "precision-predict-vitb32-b16"
+    benchmark.pedantic(model.predict, args=(pixels,), rounds=ROUNDS, warmup_rounds=1)
+    img_s = BATCH / statistics.median(benchmark.stats.stats.data)
+    ceiling = limits[precision] / VIT_B32_GFLOP
+    fp32 = models["fp32"].predict(pixels)
+    info = {"img_per_s": round(img_s, 1), "matmul_gflops": round(limits[precision]),
+            "pct_of_matmul_limit": round(100 * img_s / ceiling, 1),
+            "max_abs_dp_vs_fp32": float((model.predict(pixels) - fp32).abs().max())}
+    benchmark.extra_info.update(info)
+    record_comparison(benchmark, case="precision-predict", name=precision, ours=precision == "bf16",
+                      means=f"ViT-B/32 predict, {precision} weights")
+    print(f"\npredict {precision}: {info}")
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    for i in range(64):
+        (root / f"{i}.jpg").write_bytes(photo_like_jpeg(i))
+    return root
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scan_jpegs(benchmark, models, jpegs, precision):
+    from aigid.scanning.local import scan
+
+    model = models[precision]
+    run = lambda: sum(1 for _ in scan([jpegs], model, batch_size=BATCH, progress=False, evidence=False))  # noqa: E731
+    benchmark.group = "precision-scan-vitb32-64jpeg"
+    benchmark.pedantic(run, rounds=2, warmup_rounds=0)
+    img_s = 64 / statistics.median(benchmark.stats.stats.data)
+    benchmark.extra_info.update(img_per_s=round(img_s, 1))
+    record_comparison(benchmark, case="precision-scan", name=precision, ours=precision == "bf16",
+                      means=f"aigid.scan of 64 512x384 JPEGs, {precision} weights")
+    print(f"\nscan {precision}: {img_s:.1f} img/s")

@@ -1,0 +1,98 @@
+"""The precision switch: ``auto`` follows the CPU's flags (simulated here), bf16 on a CPU recasts
+the weights (not autocast) and stays within its tolerance of fp32, the detector keeps its id, and
+a scan records the precision it ran at (a resumed scan at another one rescoring nothing)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigid.models.identity import detector_layout, model_id
+from aigid.models.mirage import MiraGe, MiraGeConfig
+from aigid.models.precision import resolve, set_precision
+from aigid.models.registry import load_detector
+from aigid.models.unigendet import UniGenDet, UniGenDetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The tiny test detectors move by ~2e-3 in bf16; the tolerance guards the path (casting, fp32
+# softmax) on them. It is no claim for large backbones: see aigid.models.precision.CPU_BF16_AUTO.
+BF16_TOLERANCE = 0.01
+
+CPU = torch.device("cpu")
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (40, 52, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("flags, want", [
+    ((), "fp32"),                                   # a CPU without bf16 instructions
+    (("avx2", "avx512f", "avx512_vnni"), "fp32"),   # AVX-512 alone is not bf16
+    (("avx512f", "avx512_bf16"), "bf16"),
+    (("amx_tile", "amx_bf16"), "bf16"),
+])
+def test_auto_follows_the_cpu_flags(flags, want):
+    assert resolve("auto", CPU, flags, cpu_bf16_auto=True) == want
+    assert resolve("auto", CPU, flags, cpu_bf16_auto=False) == "fp32"  # until agreement is shown
+    assert resolve("fp32", CPU, ("amx_bf16",)) == "fp32" and resolve("bf16", CPU, ()) == "bf16"
+    assert resolve("auto", torch.device("cuda"), ()) == "bf16"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve("fp8", CPU)
+
+
+def test_auto_on_a_cpu_without_the_flags_changes_nothing():
+    model = MiraGe(MiraGeConfig.named("tiny"), seed=0).eval()
+    before = model.predict(_images(4))
+    assert set_precision(model, "auto", flags=("avx2",)) == "fp32"
+    assert model.prompts.text.dtype == torch.float32
+    torch.testing.assert_close(model.predict(_images(4)), before, atol=0, rtol=0)
+
+
+def test_bf16_recasts_the_weights_and_stays_within_tolerance():
+    model = MiraGe(MiraGeConfig.named("tiny"), seed=0).eval()
+    images = _images(8)
+    fp32, mid, layout = model.predict(images), model_id(model), detector_layout(model)
+    assert set_precision(model, "bf16") == "bf16" and model.precision == "bf16"
+    assert {p.dtype for p in model.clip.visual.parameters()} == {torch.bfloat16}  # weights, not autocast
+    assert model.prompts.text.dtype == torch.float32 and model.anchors().dtype == torch.float32
+    bf16 = model.predict(images)
+    assert bf16.dtype == torch.float32  # softmax and calibration stay fp32
+    delta = (bf16 - fp32).abs().max().item()
+    assert 0 < delta < BF16_TOLERANCE
+    assert model_id(model) == mid and detector_layout(model) == layout  # same weights, same id
+    with pytest.raises(ValueError, match="load it again"):
+        set_precision(model, "fp32")
+
+
+def test_unigendet_bf16_on_cpu_within_tolerance():
+    model = UniGenDet(UniGenDetConfig.named("tiny"), seed=0).eval()
+    images = _images(3)
+    fp32 = model.predict(images)
+    set_precision(model, "bf16")
+    assert (model.predict(images) - fp32).abs().max().item() < BF16_TOLERANCE
+
+
+def test_load_detector_takes_a_precision_and_the_scan_records_it(tiny_mirage_folder, tmp_path):
+    from aigid.scanning.local import scan_to_store
+    from aigid.scanning.store import ResultStore
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, arr in enumerate(_images(3)):
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    out = tmp_path / "results.sqlite"
+    fp32 = load_detector(str(tiny_mirage_folder))
+    assert fp32.precision == "fp32"
+    first = scan_to_store([folder], fp32, out=out, progress=False, num_workers=0)
+    bf16 = load_detector(str(tiny_mirage_folder), precision="bf16")
+    assert model_id(bf16) == model_id(fp32)
+    again = scan_to_store([folder], bf16, out=out, progress=False, num_workers=0)
+    assert first["scored"] == 3 and again["scored"] == 0  # resumed: nothing rescored
+    with ResultStore(out, readonly=True) as store:
+        assert [r["detector"]["precision"] for r in store.runs()] == ["fp32", "bf16"]
