@@ -18,3 +18,10 @@ def photo_like_jpeg(seed: int, width: int = 512, height: int = 384) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def write_photo_jpegs(root, n: int = 64):
+    """``n`` photo-like 512×384 JPEGs named ``0.jpg`` … in folder ``root``; returns ``root``."""
+    for i in range(n):
+        (root / f"{i}.jpg").write_bytes(photo_like_jpeg(i))
+    return root

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from _images import photo_like_jpeg
+from _images import photo_like_jpeg, write_photo_jpegs
 from _report import record_comparison
 
 VIT_B32_GFLOP = 8.8
@@ -72,10 +72,7 @@ def test_predict_pixels(benchmark, models, limits, precision):
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    for i in range(64):
-        (root / f"{i}.jpg").write_bytes(photo_like_jpeg(i))
-    return root
+    return write_photo_jpegs(tmp_path_factory.mktemp("jpegs"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from _images import photo_like_jpeg
+from _images import photo_like_jpeg, write_photo_jpegs
 from _report import record_comparison
 
 httpx = pytest.importorskip("httpx")
@@ -47,10 +47,7 @@ def vit_b32_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    for i in range(64):
-        (root / f"{i}.jpg").write_bytes(photo_like_jpeg(i))
-    return root
+    return write_photo_jpegs(tmp_path_factory.mktemp("jpegs"))
 
 
 # ---- (a) predict's peak RSS against the number of items -------------------------------------
