@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from _images import photo_like_jpeg, write_photo_jpegs
+from _images import write_photo_jpegs
 from _report import record_comparison
 
 VIT_B32_GFLOP = 8.8
