@@ -7,6 +7,7 @@ ViT-B/32 with random weights (8.8 GFLOP per 224² image), batch 16, the process'
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -35,20 +36,20 @@ def limits():
     return {"fp32": _matmul_gflops(torch.float32), "bf16": _matmul_gflops(torch.bfloat16)}
 
 
-def _vit_b32(precision: str):
+@pytest.fixture(scope="module")
+def models():
+    """One random ViT-B/32 MiraGe and its bf16 twin: the *same* weights (open_clip's random init
+    is not seeded by MiraGe's seed, so two builds would differ)."""
     from aigid.models.mirage import MiraGe, MiraGeConfig
     from aigid.models.precision import set_precision
 
     config = MiraGeConfig.named("vit-l-14")
     config.backbone = {"model": "ViT-B-32", "pretrained": None}  # random weights: speed only
-    model = MiraGe(config, seed=0).eval()
-    set_precision(model, precision)
-    return model
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {p: _vit_b32(p) for p in ("fp32", "bf16")}
+    fp32 = MiraGe(config, seed=0).eval()
+    bf16 = copy.deepcopy(fp32)
+    set_precision(fp32, "fp32")
+    set_precision(bf16, "bf16")
+    return {"fp32": fp32, "bf16": bf16}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -88,3 +89,42 @@ def test_scan_jpegs(benchmark, models, jpegs, precision):
     record_comparison(benchmark, case="precision-scan", name=precision, ours=precision == "bf16",
                       means=f"aigid.scan of 64 512x384 JPEGs, {precision} weights")
     print(f"\nscan {precision}: {img_s:.1f} img/s")
+
+
+def _val_set(root):
+    from aigid.data.labelled import discover
+
+    items = discover(str(root / "val"))
+    return [it.path for it in items], [it.label for it in items]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo's aligned set and its trained tiny detector (real crops vs VAE twins)."""
+    from aigid.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(str(out), steps=200, progress=False)
+    return out
+
+
+def _agreement_of(fp32, bf16, paths, labels):
+    from aigid.evaluation.agreement import agreement
+
+    return agreement(fp32.predict(paths), bf16.predict(paths), labels, threshold=fp32.threshold)
+
+
+def test_agreement_on_the_demo_aligned_set(benchmark, demo_run, models):
+    """Not a speed: the numbers CPU_BF16_AUTO waits on, for the trained tiny demo detector and for
+    the random ViT-B/32 on the same held-out images."""
+    from aigid.models.registry import load_detector
+
+    paths, labels = _val_set(demo_run / "data")
+    detector = str(demo_run / "detector")
+    tiny = benchmark.pedantic(lambda: _agreement_of(load_detector(detector), load_detector(detector, precision="bf16"),
+                                                    paths, labels), rounds=1, iterations=1)
+    vit = _agreement_of(models["fp32"], models["bf16"], paths, labels)
+    benchmark.group = "precision-agreement"
+    benchmark.extra_info.update(tiny_demo=tiny, vit_b32_random=vit)
+    print(f"\nagreement bf16 vs fp32, demo val set ({len(paths)} images):\n  tiny trained: {tiny}\n"
+          f"  ViT-B/32 random: {vit}")
