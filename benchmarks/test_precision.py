@@ -1,4 +1,4 @@
-"""CPU precision: fp32 vs bf16 weights (what ``auto`` picks on a CPU with AVX512-BF16/AMX), for
+"""CPU precision: fp32 vs bf16 weights vs int8 (ONNX Runtime, dynamic), for
 ``predict`` on preprocessed pixels and for ``aigid.scan`` end to end on JPEGs, side by side in one
 run with this machine's own matmul limit per dtype (a 2048² matmul, measured here). MiraGe at
 ViT-B/32 with random weights (8.8 GFLOP per 224² image), batch 16, the process's threads.
@@ -31,9 +31,20 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9
 
 
+def _int8_matmul_gops(n: int = 2048, reps: int = 10) -> float:
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    torch._int_mm(a, b)  # int8 x int8 -> int32 (oneDNN / VNNI)
+    started = time.perf_counter()
+    for _ in range(reps):
+        torch._int_mm(a, b)
+    return 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9
+
+
 @pytest.fixture(scope="module")
 def limits():
-    return {"fp32": _matmul_gflops(torch.float32), "bf16": _matmul_gflops(torch.bfloat16)}
+    return {"fp32": _matmul_gflops(torch.float32), "bf16": _matmul_gflops(torch.bfloat16),
+            "int8": _int8_matmul_gops()}
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +57,14 @@ def models():
     config = MiraGeConfig.named("vit-l-14")
     config.backbone = {"model": "ViT-B-32", "pretrained": None}  # random weights: speed only
     fp32 = MiraGe(config, seed=0).eval()
-    bf16 = copy.deepcopy(fp32)
+    bf16, int8 = copy.deepcopy(fp32), copy.deepcopy(fp32)
     set_precision(fp32, "fp32")
     set_precision(bf16, "bf16")
-    return {"fp32": fp32, "bf16": bf16}
+    set_precision(int8, "int8")  # ONNX Runtime, dynamic int8
+    return {"fp32": fp32, "bf16": bf16, "int8": int8}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_predict_pixels(benchmark, models, limits, precision):
     model = models[precision]
     pixels = torch.randn(BATCH, 3, 224, 224).clamp(-2, 2)
@@ -60,13 +72,13 @@ def test_predict_pixels(benchmark, models, limits, precision):
     benchmark.group = "precision-predict-vitb32-b16"
     benchmark.pedantic(model.predict, args=(pixels,), rounds=ROUNDS, warmup_rounds=1)
     img_s = BATCH / statistics.median(benchmark.stats.stats.data)
-    ceiling = limits[precision] / VIT_B32_GFLOP
+    ceiling = limits[precision] / VIT_B32_GFLOP  # int8: its matmuls, though ORT keeps some ops fp32
     fp32 = models["fp32"].predict(pixels)
     info = {"img_per_s": round(img_s, 1), "matmul_gflops": round(limits[precision]),
             "pct_of_matmul_limit": round(100 * img_s / ceiling, 1),
             "max_abs_dp_vs_fp32": float((model.predict(pixels) - fp32).abs().max())}
     benchmark.extra_info.update(info)
-    record_comparison(benchmark, case="precision-predict", name=precision, ours=precision == "bf16",
+    record_comparison(benchmark, case="precision-predict", name=precision, ours=precision != "fp32",
                       means=f"ViT-B/32 predict, {precision} weights")
     print(f"\npredict {precision}: {info}")
 
@@ -76,7 +88,7 @@ def jpegs(tmp_path_factory):
     return write_photo_jpegs(tmp_path_factory.mktemp("jpegs"))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_scan_jpegs(benchmark, models, jpegs, precision):
     from aigid.scanning.local import scan
 
@@ -86,7 +98,7 @@ def test_scan_jpegs(benchmark, models, jpegs, precision):
     benchmark.pedantic(run, rounds=2, warmup_rounds=0)
     img_s = 64 / statistics.median(benchmark.stats.stats.data)
     benchmark.extra_info.update(img_per_s=round(img_s, 1))
-    record_comparison(benchmark, case="precision-scan", name=precision, ours=precision == "bf16",
+    record_comparison(benchmark, case="precision-scan", name=precision, ours=precision != "fp32",
                       means=f"aigid.scan of 64 512x384 JPEGs, {precision} weights")
     print(f"\nscan {precision}: {img_s:.1f} img/s")
 
@@ -124,7 +136,8 @@ def test_agreement_on_the_demo_aligned_set(benchmark, demo_run, models):
     tiny = benchmark.pedantic(lambda: _agreement_of(load_detector(detector), load_detector(detector, precision="bf16"),
                                                     paths, labels), rounds=1, iterations=1)
     vit = _agreement_of(models["fp32"], models["bf16"], paths, labels)
+    vit_int8 = _agreement_of(models["fp32"], models["int8"], paths, labels)
     benchmark.group = "precision-agreement"
-    benchmark.extra_info.update(tiny_demo=tiny, vit_b32_random=vit)
-    print(f"\nagreement bf16 vs fp32, demo val set ({len(paths)} images):\n  tiny trained: {tiny}\n"
-          f"  ViT-B/32 random: {vit}")
+    benchmark.extra_info.update(tiny_demo=tiny, vit_b32_random=vit, vit_b32_random_int8=vit_int8)
+    print(f"\nagreement vs fp32, demo val set ({len(paths)} images):\n  bf16 tiny trained: {tiny}\n"
+          f"  bf16 ViT-B/32 random: {vit}\n  int8 ViT-B/32 random: {vit_int8}")

@@ -112,3 +112,29 @@ def test_agreement_counts_flips_and_auroc_change():
     assert swapped["flip_fraction"] == 0 and swapped["d_auroc"] == pytest.approx(-0.25)
     with pytest.raises(ValueError):
         agreement(ref, ref[:3], labels)
+
+
+# ONNX Runtime's dynamic int8 moved the tiny detector's P(fake) by 1.1e-2 (weights and activations
+# quantised per tensor): the documented tolerance.
+INT8_TOLERANCE = 0.05
+
+
+def test_int8_scores_through_onnx_runtime_within_tolerance():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = MiraGe(MiraGeConfig.named("tiny"), seed=0).eval()
+    images = _images(6)
+    fp32, mid = model.predict(images), model_id(model)
+    assert set_precision(model, "int8") == "int8"
+    int8 = model.predict(images)
+    assert 0 < (int8 - fp32).abs().max().item() < INT8_TOLERANCE  # a different graph, close numbers
+    assert model_id(model) == mid and model.prompts.text.dtype == torch.float32  # weights as loaded
+    assert set_precision(model, "fp32") == "fp32"  # back to the torch path: exactly fp32 again
+    torch.testing.assert_close(model.predict(images), fp32, atol=0, rtol=0)
+
+
+def test_int8_is_for_mirage_on_a_cpu():
+    with pytest.raises(ValueError, match="CPU"):
+        resolve("int8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="UniGenDet cannot be exported"):
+        set_precision(UniGenDet(UniGenDetConfig.named("tiny"), seed=0).eval(), "int8")

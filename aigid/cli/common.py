@@ -113,7 +113,8 @@ def _set_verdict(detector, verdict) -> None:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
-                   help="compute in fp32 or bf16 (bf16 weights on a CPU); auto: bf16 on CUDA, and on CPUs "
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default=None,
+                   help="compute in fp32, bf16 (bf16 weights on a CPU) or int8 (MiraGe on a CPU, ONNX "
+                   "Runtime, aigid[export]); auto: bf16 on CUDA, and on CPUs "
                    "with AMX/AVX512-BF16 once bf16's agreement is shown (aigid backends says). Default: "
                    "bf16 autocast on CUDA, fp32 on CPU")

@@ -23,43 +23,16 @@ import os
 from typing import Any, Literal, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aigid.models.calibration import Calibration, CalibrationMap
+from aigid.models.calibration import CalibrationMap
+from aigid.models.mirage.exportable import PIXEL_SHAPES, ExportableMiraGe, example_pixels, write_onnx
 
 __all__ = ["export_model", "ExportableMiraGe", "FORMATS"]
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torch-export")
 Format = Literal["onnx", "torch-export"]
-
-
-class ExportableMiraGe(nn.Module):
-    """pixels (N, 3, S, S) → P(fake) (N,): MiraGe's inference path with the anchors and the
-    vision prompts frozen, then the stored calibration if any (and ``calibrated``). Only the
-    vision tower is a submodule: the text tower stays out of the exported file."""
-
-    def __init__(self, detector: nn.Module, calibrated: bool = True):
-        super().__init__()
-        self.visual = detector.clip.visual              # registered: its weights go in the graph
-        self._encoder = [detector.vision_encoder]       # a list: not a second copy of the tower
-        with torch.no_grad():
-            # buffers, so the exporters store them as constants of the graph
-            self.register_buffer("anchors", detector.anchors().detach().clone())           # (C, E)
-            self.register_buffer("vision_prompts", detector.prompts.vision().detach().clone())
-            self.register_buffer("logit_scale", detector.clip.logit_scale.exp().float().detach().clone())
-        self.fake_index = 1  # MiraGe's class order: ["Real", "Fake"]
-        stored = getattr(detector.config, "calibration", None) if calibrated else None
-        self.calibration = Calibration.from_dict(stored) if stored else None
-        # a submodule, so isotonic knots are buffers: constants of the exported graph
-        self.calibration_map = CalibrationMap(self.calibration) if self.calibration else None
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        h = F.normalize(self._encoder[0](pixels, self.vision_prompts).float(), dim=-1)
-        logits = self.logit_scale * h @ self.anchors.T  # predict's expression, same order
-        p = logits.float().softmax(-1)[:, self.fake_index]
-        return p if self.calibration_map is None else self.calibration_map(p)
 
 
 def _exportable(detector: Any, calibrated: bool = True) -> tuple[nn.Module, int]:
@@ -93,19 +66,14 @@ def export_model(detector: Any, path: Union[str, os.PathLike], format: Format = 
         module = copy.deepcopy(module).to("cpu", torch.float32)  # the caller's detector stays as it is
         if module.calibration is not None:  # .to(float32) rounded the knots: rebuild them
             module.calibration_map = CalibrationMap(module.calibration)
-    example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes = {"pixels": {0: batch}}
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    with torch.no_grad():
-        if format == "torch-export":
-            program = torch.export.export(module, (example,), dynamic_shapes=shapes)
-            torch.export.save(program, path)
-        else:
-            torch.onnx.export(module, (example,), path, input_names=["pixels"], output_names=["p_fake"],
-                              dynamic_shapes=shapes, opset_version=opset, dynamo=True,
-                              external_data=False, verbose=False)
+    if format == "torch-export":
+        with torch.no_grad():
+            program = torch.export.export(module, (example_pixels(size),), dynamic_shapes=PIXEL_SHAPES)
+        torch.export.save(program, path)
+    else:
+        write_onnx(module, path, size, opset)
     cal = module.calibration
     if cal is not None:
         output = (f"calibrated P(fake), {cal.describe()} baked in (threshold {cal.threshold}, "

@@ -1,4 +1,4 @@
-"""The precision a detector computes in: ``fp32``, ``bf16`` or ``auto``.
+"""The precision a detector computes in: ``fp32``, ``bf16``, ``int8`` or ``auto``.
 
 ``bf16`` on a CPU is done the fast way: the weights themselves are cast to bfloat16, so every
 matmul runs oneDNN's bf16 kernels (AVX512-BF16 / AMX). Autocast over fp32 weights — the naive
@@ -9,6 +9,9 @@ tower runs once per prompt update). On CUDA ``bf16`` is autocast over fp32 weigh
 was. ``auto``: bf16 on CUDA; on a CPU, bf16 where its flags show AMX-BF16 or AVX512-BF16 *and*
 ``CPU_BF16_AUTO`` says bf16's agreement with fp32 is shown (not yet), else fp32. Scores differ
 between precisions, so a scan records the one it ran at beside each run.
+
+``int8`` (MiraGe on a CPU) scores through ONNX Runtime's dynamically quantised graph of the vision
+path (:mod:`aigid.models.int8`); the torch weights stay as loaded.
 
 A recast detector keeps the id of the weights it was loaded with (``stored_model_id``), so
 results stored at either precision resume each other, as a threshold change does.
@@ -26,7 +29,7 @@ from aigid.models.identity import detector_layout, model_id
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # ``auto`` picks bf16 on a CPU only once bf16 is shown to agree with fp32 (verdict flips <= 0.5%,
 # |dAUROC| <= 0.002 on a labelled set; aigid.evaluation.agreement). Not yet: on the demo's aligned
@@ -56,6 +59,8 @@ def resolve(precision: str, device: torch.device, flags: Optional[Iterable[str]]
     ``cpu_bf16_auto``: whether auto may pick bf16 on a CPU at all, default ``CPU_BF16_AUTO``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8" and device.type == "cuda":
+        raise ValueError("precision='int8' runs on a CPU (ONNX Runtime); on CUDA use bf16")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -86,6 +91,11 @@ def set_precision(model: Any, precision: Optional[str] = "auto", flags: Optional
         return chosen
     if getattr(model, "weights_recast", False):
         raise ValueError(f"this detector's weights were recast to {model.precision}; load it again for {chosen}")
+    if chosen == "int8":  # the weights stay as loaded: a second, int8 graph scores
+        from aigid.models.int8 import int8_forward
+        model.int8_forward = int8_forward(model)
+    else:
+        model.__dict__.pop("int8_forward", None)
     if model.device.type != "cuda" and chosen == "bf16":
         model.stored_model_id, model.stored_layout = model_id(model), detector_layout(model)
         # only what the model lists as safe to compute in bf16 (MiraGe: the vision tower; its text

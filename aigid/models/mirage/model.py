@@ -187,7 +187,10 @@ class MiraGe(nn.Module):
         """P(fake) for one prepared chunk (``aigid.data.transforms.Prepared``), one per item given,
         NaN where an item was left out; float32 on CPU, calibrated unless ``calibrated=False``."""
         scores = torch.zeros(0)
-        if prep.kept:
+        int8 = getattr(self, "int8_forward", None)
+        if prep.kept and int8 is not None:  # set_precision("int8"): ONNX Runtime's int8 graph
+            scores = int8(prep.stacked("cpu"))
+        elif prep.kept:
             pixels = prep.stacked(self.device).to(self.clip.visual.conv1.weight.dtype)  # bf16 once recast
             autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                                       enabled=pixels.is_cuda and getattr(self, "precision", "bf16") == "bf16")
