@@ -138,3 +138,13 @@ def test_int8_is_for_mirage_on_a_cpu():
         resolve("int8", torch.device("cuda"))
     with pytest.raises(ValueError, match="UniGenDet cannot be exported"):
         set_precision(UniGenDet(UniGenDetConfig.named("tiny"), seed=0).eval(), "int8")
+
+
+def test_the_model_card_says_the_precision(tmp_path):
+    from aigid.models.card import model_card
+
+    model = MiraGe(MiraGeConfig.named("tiny"), seed=0).eval()
+    assert "computed in fp32 on a CPU, bf16 autocast on CUDA" in model_card(model)
+    set_precision(model, "bf16")
+    card = model_card(model)
+    assert "## Precision" in card and "computed in bf16" in card and '| "int8"' in card
