@@ -39,6 +39,8 @@ def int8_forward(detector: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # no spin-waiting after a run: the decode threads and torch share these cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:

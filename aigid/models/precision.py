@@ -33,10 +33,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # ``auto`` picks bf16 on a CPU only once bf16 is shown to agree with fp32 (verdict flips <= 0.5%,
 # |dAUROC| <= 0.002 on a labelled set; aigid.evaluation.agreement). Not yet: on the demo's aligned
-# held-out set (240 images, benchmarks/test_precision.py) max|dP| was 7e-4 / 2.3e-3 and flips
-# 0% / 0.42% (tiny trained / random ViT-B/32), but dAUROC -0.0026 / +0.0021 — over the bar, if
-# only just, and on near-chance detectors. Until trained weights are measured ``auto`` stays fp32
-# on CPUs and says why; ``bf16`` can always be asked for.
+# held-out set (240 images, benchmarks/test_precision.py) bf16 flipped no verdict and moved P(fake)
+# by <= 2e-3, but AUROC by -0.0026 (trained tiny demo detector) and +0.0020 (random ViT-B/32) --
+# over the bar, if only just, on near-chance detectors. Until trained weights are measured ``auto``
+# stays fp32 on CPUs and says why; ``bf16`` can always be asked for.
 CPU_BF16_AUTO = False
 
 
