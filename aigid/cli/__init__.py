@@ -9,7 +9,7 @@ Notices go through ``logging`` (INFO, WARNING with ``--quiet`` or ``AIGID_QUIET=
 only each command's result.
 
 One module per command group (``train``: demo/train/train-unigendet, ``evaluate``:
-eval/calibrate/make-aligned, ``scan``: scan/export, ``serve``, ``models``: export-model/backends); ``checks``
+eval/calibrate/agreement/make-aligned, ``scan``: scan/export, ``serve``, ``models``: export-model/backends); ``checks``
 holds the argument types and path checks, ``common`` the parser classes and shared options. Adding a
 flag: put it in the command's ``_add_<command>`` and, when it names a path or has a range, check it
 in the command's ``_check_<command>`` (run before the work, so a typo costs nothing).
@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 from aigid.cli.checks import (EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed,
                               UsageError)
 from aigid.cli.common import _command, _common, _Formatter, _Parser
-from aigid.cli.evaluate import _add_calibrate, _add_eval, _add_make_aligned
+from aigid.cli.evaluate import _add_agreement, _add_calibrate, _add_eval, _add_make_aligned
 from aigid.cli.models import _add_export_model, _cmd_backends
 from aigid.cli.scan import _add_export, _add_scan
 from aigid.cli.serve import _add_serve
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_train, _add_train_unigendet, _add_eval, _add_scan, _add_export, _add_serve,
-                _add_calibrate, _add_export_model, _add_make_aligned):
+                _add_calibrate, _add_agreement, _add_export_model, _add_make_aligned):
         add(sub)
     _command(sub, "backends", "which optional backends this machine has", _cmd_backends)
     return p

@@ -116,5 +116,6 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default=None,
                    help="compute in fp32, bf16 (bf16 weights on a CPU) or int8 (MiraGe on a CPU, ONNX "
                    "Runtime, aigid[export]); auto: bf16 on CUDA, and on CPUs "
-                   "with AMX/AVX512-BF16 once bf16's agreement is shown (aigid backends says). Default: "
+                   "with AMX/AVX512-BF16 where the detector's precision.json (aigid agreement) shows bf16 "
+                   "agrees with fp32, else fp32. Default: "
                    "bf16 autocast on CUDA, fp32 on CPU")

@@ -91,6 +91,59 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _precisions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    wrong = [p for p in names if p not in ("bf16", "int8")]
+    if wrong or not names:
+        raise UsageError(f"--precisions {text}: a list of bf16 and/or int8, e.g. bf16,int8")
+    return names
+
+
+def _check_agreement(args) -> None:
+    args.precisions = _precisions(args.precisions)
+    if args.device not in ("cpu", "auto"):
+        raise UsageError(f"--device {args.device}: agreement is measured on a CPU, where bf16/int8 weights run")
+    args.device = "cpu"
+    _detector_arg(args.detector)
+    ours = os.path.isfile(os.path.join(args.detector, "config.json"))
+    if args.out is None and not ours:
+        raise UsageError(f"{args.detector}: the record goes into a folder written by save_pretrained; "
+                         "give --out FILE for a name or a release folder")
+    _labelled(args.data, args.split)
+    if args.out:
+        _writable_parent(args.out, "record file")
+
+
+def _cmd_agreement(args) -> int:
+    from aigid.evaluation.agreement import measure
+    from aigid.models.card import refresh_card_precision
+    from aigid.models.precision_record import bf16_verdict, read_record, write_record
+
+    args.precision = "fp32"  # the reference; each other precision scores a copy
+    detector = _load_detector(args)
+    try:
+        record = measure(detector, args.data, split=args.split, precisions=args.precisions,
+                         batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    except ImportError as err:  # int8 without ONNX Runtime
+        raise CommandFailed(str(err)) from None
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+        written = args.out
+    else:
+        earlier = read_record(args.detector)
+        same = ("model_id", "data", "split", "threshold")
+        if earlier and all(earlier.get(k) == record.get(k) for k in same):  # keep what was not re-measured
+            record["precisions"] = {**earlier.get("precisions", {}), **record["precisions"]}
+        written = write_record(args.detector, record)
+        refresh_card_precision(args.detector, detector, record)
+    agrees, why = bf16_verdict(record, record["model_id"])
+    log.info("wrote %s; auto on a CPU with bf16 instructions: %s (%s)", written, "bf16" if agrees else "fp32", why)
+    _print_json({"precisions": record["precisions"], "compared": record["compared"],
+                 "auto_cpu_bf16": agrees, "written": str(written)})
+    return 0
+
+
 def _check_make_aligned(args) -> None:
     if not os.path.isdir(args.real_dir):
         raise UsageError(f"{args.real_dir}: no such folder of real images")
@@ -147,6 +200,19 @@ def _add_calibrate(sub) -> None:
     c.add_argument("--out", help="save the calibrated detector here instead of updating DETECTOR/config.json")
     c.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the base folder (needs --out)")
     _add_runtime(c, batch_size=64)
+
+
+def _add_agreement(sub) -> None:
+    a = _command(sub, "agreement", "how far bf16/int8 scores stray from fp32 on a labelled held-out split "
+                 "(max |dP|, verdict flips, dAUROC); stored in the detector's precision.json, where "
+                 "--precision auto looks before it picks bf16 on a CPU", _cmd_agreement, _check_agreement)
+    a.add_argument("detector", help="detector folder (save_pretrained)")
+    a.add_argument("data", help="labelled folder or manifest (at least 200 images to decide auto)")
+    a.add_argument("--split", default="val", help="held-out split folder (never the training one)")
+    a.add_argument("--precisions", default="bf16", help="which to compare with fp32: bf16, int8 or bf16,int8")
+    a.add_argument("--out", help="write the record here instead of DETECTOR/precision.json")
+    a.add_argument("--checkpoint", help="UniGenDet: fine-tuned weights merged over the base folder")
+    _add_runtime(a, batch_size=32)
 
 
 def _add_make_aligned(sub) -> None:

@@ -161,9 +161,8 @@ def save_calibration(directory: str, calibration: dict[str, Any]) -> str:
     it, so a crash leaves the old config whole. Returns the config's path."""
     import json
     import os
-    import tempfile
 
-    from aigid.models.checkpoint import apply_umask
+    from aigid.models.checkpoint import write_text_atomically
 
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
@@ -172,16 +171,5 @@ def save_calibration(directory: str, calibration: dict[str, Any]) -> str:
     with open(path) as f:
         raw = json.load(f)
     raw["calibration"] = calibration
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(raw, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        apply_umask(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomically(path, json.dumps(raw, indent=2))
     return path

@@ -10,13 +10,12 @@ detector is, what it was trained on, how it preprocesses, how its scores are cal
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Union
 
-from aigid.models.checkpoint import apply_umask
+from aigid.models.checkpoint import write_text_atomically
 
 __all__ = ["ID2LABEL", "LABEL2ID", "CARD_FILE", "hf_fields", "drop_hf_fields", "write_model_card",
-           "refresh_card_calibration",
+           "refresh_card_calibration", "refresh_card_precision",
            "model_card"]
 
 CARD_FILE = "README.md"
@@ -186,7 +185,29 @@ def _calibration(cfg: Any) -> tuple[list[str], str]:
     return lines + [""], limit
 
 
-def _precision(model: Any) -> list[str]:
+def _measured(record: Optional[Mapping[str, Any]], model: Any) -> list[str]:
+    """The lines of the Precision section that come from the folder's ``precision.json``
+    (``aigid agreement`` refreshes them; a card written by ``save_pretrained`` has none yet)."""
+    from aigid.models.identity import model_id
+    from aigid.models.precision_record import RECORD_FILE, bf16_verdict
+
+    if not record:
+        return ["- agreement with fp32 for these weights: `aigid agreement FOLDER DATA` measures it on "
+                f"labelled images and writes `{RECORD_FILE}`; until it shows bf16 agrees, `auto` computes "
+                "in fp32 on a CPU"]
+    where = record.get("data") or "a labelled set"
+    lines = [f"- measured on {record.get('compared')} labelled images of {where} (split "
+             f"{record.get('split') or 'all'}), threshold {record.get('threshold'):.4g}, "
+             f"{(record.get('measured_on') or {}).get('cpu', 'a CPU')}:"]
+    for name, r in (record.get("precisions") or {}).items():
+        lines.append(f"  - {name}: max |dP| {r['max_abs_dp']:.2g}, {100 * r['flip_fraction']:.2f}% of verdicts "
+                     f"flip, AUROC {r['auroc_fp32']:.4f} -> {r['auroc']:.4f} ({r['d_auroc']:+.4f})")
+    agrees, why = bf16_verdict(record, model_id(model))
+    lines.append(f"- `auto` on a CPU with bf16 instructions: {'bf16' if agrees else 'fp32'} ({why})")
+    return lines
+
+
+def _precision(model: Any, record: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Which precision this card's numbers are at, and what the others cost in agreement."""
     ran = getattr(model, "precision", None) or "fp32 on a CPU, bf16 autocast on CUDA"
     return ["## Precision", "",
@@ -194,7 +215,8 @@ def _precision(model: Any) -> list[str]:
             "- at inference, `aigid.load_detector(folder, precision=\"fp32\" | \"bf16\" | \"int8\" | \"auto\")`; "
             "in aigid's measurements bf16 moved P(fake) by at most 2.3e-3 and int8 (MiraGe, ONNX "
             "Runtime) by about 1e-2, so verdicts near the threshold can flip: check it at the "
-            "precision you serve", ""]
+            "precision you serve",
+            *_measured(record, model), ""]
 
 
 def model_card(model: Any, summary: Optional[Mapping[str, Any]] = None,
@@ -263,17 +285,7 @@ def write_model_card(folder: Union[str, os.PathLike], model: Any,
 
 
 def _write_card(folder: Union[str, os.PathLike], text: str) -> str:
-    path = os.path.join(os.fspath(folder), CARD_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".README-", suffix=".tmp", dir=os.fspath(folder))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_text_atomically(os.path.join(os.fspath(folder), CARD_FILE), text)
 
 
 def refresh_card_calibration(folder: Union[str, os.PathLike], model: Any) -> str:
@@ -288,14 +300,32 @@ def refresh_card_calibration(folder: Union[str, os.PathLike], model: Any) -> str
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     section, limit = _calibration(model.config)
-    if "## Calibration" in lines:  # drop the old section, up to the next heading
-        start = lines.index("## Calibration")
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        del lines[start:end]
+    _drop_section(lines, "## Calibration")
     if section:
         at = lines.index("## How to use") if "## How to use" in lines else len(lines)
         lines[at:at] = section
     lines = [f"- {limit}" if ln == f"- {_UNCALIBRATED}" or
              ln.startswith(f"- {_CALIBRATED_LIMIT_START}") else ln for ln in lines]
+    return _write_card(folder, "\n".join(lines))
+
+
+def _drop_section(lines: list[str], heading: str) -> None:
+    """Remove ``heading``'s section (up to the next heading) from ``lines``, in place."""
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[start:end]
+
+
+def refresh_card_precision(folder: Union[str, os.PathLike], model: Any, record: Mapping[str, Any]) -> str:
+    """Bring the card's Precision section up to date with ``record`` (the ``precision.json``
+    ``aigid agreement`` wrote), keeping the rest of the text; no card yet: a fresh one is written."""
+    path = os.path.join(os.fspath(folder), CARD_FILE)
+    if not os.path.isfile(path):
+        write_model_card(folder, model)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    _drop_section(lines, "## Precision")
+    at = lines.index("## How to use") if "## How to use" in lines else len(lines)
+    lines[at:at] = _precision(model, record)
     return _write_card(folder, "\n".join(lines))

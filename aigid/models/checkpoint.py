@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["LoadReport", "load_state_dict_dir", "load_into", "save_state_dict", "apply_umask"]
+__all__ = ["LoadReport", "load_state_dict_dir", "load_into", "save_state_dict", "apply_umask", "write_text_atomically"]
 
 PathLike = Union[str, os.PathLike]
 _PREFERRED = ("ema.safetensors", "model.safetensors")
@@ -164,3 +165,21 @@ def apply_umask(path: PathLike) -> None:
         os.chmod(path, 0o666 & ~_umask())
     except OSError:  # a file system without POSIX modes: nothing to fix
         pass
+
+
+def write_text_atomically(path: PathLike, text: str) -> str:
+    """Write ``text`` to a temporary file beside ``path``, flushed to disk, then renamed over it: a
+    crash leaves the old file or the new one, never half of one; the mode is the umask's."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        apply_umask(tmp)  # mkstemp made it 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -10,6 +10,8 @@ calibration after, as for every precision) is exported to ONNX, its weights quan
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from typing import Any, Callable
@@ -17,6 +19,25 @@ from typing import Any, Callable
 import torch
 
 from aigid.models.mirage.exportable import ExportableMiraGe, write_onnx
+
+log = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def _root_logging_untouched():
+    """ONNX Runtime's quantiser logs through ``logging.warning``, which configures the root logger
+    when it has no handler: every later record of the process would then print twice. A handler
+    held on the root while it runs keeps it unconfigured (its notice goes to our debug log)."""
+    class ToDebug(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log.debug("onnxruntime: %s", record.getMessage())
+
+    handler = ToDebug()
+    logging.root.addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.root.removeHandler(handler)
+
 
 ORT_PACKAGES = "pip install 'aigid[export]' (onnx, onnxscript, onnxruntime)"
 
@@ -36,7 +57,8 @@ def int8_forward(detector: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="aigid-int8-") as folder:
         fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
         write_onnx(module, fp32, size)
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        with _root_logging_untouched():
+            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         # no spin-waiting after a run: the decode threads and torch share these cores

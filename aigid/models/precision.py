@@ -6,8 +6,9 @@ choice — converts each weight at each call and measured *slower* than fp32 her
 must stay fp32 stays fp32: the models normalise embeddings and anchors, apply softmax and
 calibration in float32 whatever the weights are (MiraGe casts only its vision tower: the text
 tower runs once per prompt update). On CUDA ``bf16`` is autocast over fp32 weights, as it always
-was. ``auto``: bf16 on CUDA; on a CPU, bf16 where its flags show AMX-BF16 or AVX512-BF16 *and*
-``CPU_BF16_AUTO`` says bf16's agreement with fp32 is shown (not yet), else fp32. Scores differ
+was. ``auto``: bf16 on CUDA; on a CPU, bf16 where its flags show AMX-BF16 or AVX512-BF16 *and* this
+detector's measured agreement with fp32 (``precision.json``, :mod:`aigid.models.precision_record`)
+is within the bounds, else fp32 -- and it says why. Scores differ
 between precisions, so a scan records the one it ran at beside each run.
 
 ``int8`` (MiraGe on a CPU) scores through ONNX Runtime's dynamically quantised graph of the vision
@@ -20,24 +21,23 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from aigid import backends
 from aigid.models.identity import detector_layout, model_id
+from aigid.models.precision_record import RECORD_FILE, bf16_verdict
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-# ``auto`` picks bf16 on a CPU only once bf16 is shown to agree with fp32 (verdict flips <= 0.5%,
-# |dAUROC| <= 0.002 on a labelled set; aigid.evaluation.agreement). Not yet: on the demo's aligned
-# held-out set (240 images, benchmarks/test_precision.py) bf16 flipped no verdict and moved P(fake)
-# by <= 2e-3, but AUROC by -0.0026 (trained tiny demo detector) and +0.0020 (random ViT-B/32) --
-# over the bar, if only just, on near-chance detectors. Until trained weights are measured ``auto``
-# stays fp32 on CPUs and says why; ``bf16`` can always be asked for.
-CPU_BF16_AUTO = False
+# Why not one switch for every detector: bf16's agreement depends on the weights. On the demo's
+# aligned held-out set (240 images, benchmarks/test_precision.py) bf16 flipped no verdict and moved
+# P(fake) by <= 2e-3, yet AUROC by -0.0026 (trained tiny demo detector) and +0.0020 (random
+# ViT-B/32): near-chance detectors reorder near-ties. So each detector carries its own measurement.
+NOT_MEASURED = (False, "bf16's agreement with fp32 is not measured for this detector (aigid agreement DETECTOR DATA)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,30 +53,70 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-def resolve(precision: str, device: torch.device, flags: Optional[Iterable[str]] = None,
-            cpu_bf16_auto: Optional[bool] = None) -> str:
-    """``precision`` for ``device``, with ``auto`` decided (``flags``: the CPU's, by default read;
-    ``cpu_bf16_auto``: whether auto may pick bf16 on a CPU at all, default ``CPU_BF16_AUTO``)."""
+Agreement = Union[tuple[bool, str], Callable[[], tuple[bool, str]]]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def decide(precision: str, device: torch.device, flags: Optional[Iterable[str]] = None,
+           agreement: Agreement = NOT_MEASURED) -> tuple[str, str]:
+    """(``precision`` for ``device`` with ``auto`` decided, why). ``flags``: the CPU's (read by
+    default); ``agreement``: whether bf16 is shown to agree with fp32 for this detector, and why
+    (``aigid.models.precision_record.bf16_verdict``), or a function giving it, called only where
+    it decides (it may hash the weights)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8" and device.type == "cuda":
         raise ValueError("precision='int8' runs on a CPU (ONNX Runtime); on CUDA use bf16")
     if precision != "auto":
-        return precision
+        return precision, "asked for"
     if device.type == "cuda":
-        return "bf16"
+        return "bf16", "bf16 autocast on CUDA"
     have = cpu_flags() if flags is None else frozenset(flags)
-    allowed = CPU_BF16_AUTO if cpu_bf16_auto is None else cpu_bf16_auto
-    return "bf16" if allowed and any(f in have for f in BF16_CPU_FLAGS) else "fp32"
+    if not any(f in have for f in BF16_CPU_FLAGS):
+        return "fp32", "this CPU has no AMX-BF16/AVX512-BF16"
+    agrees, why = agreement() if callable(agreement) else agreement
+    return ("bf16", why) if agrees else ("fp32", why)
 
 
-def auto_choice() -> dict[str, Any]:
-    """What ``auto`` picks on this machine's CPU, and why (``aigid backends``)."""
+def resolve(precision: str, device: torch.device, flags: Optional[Iterable[str]] = None,
+            agreement: Agreement = NOT_MEASURED) -> str:
+    """``decide``'s choice alone."""
+    return decide(precision, device, flags, agreement)[0]
+
+
+def _agreement_of(model: Any) -> tuple[bool, str]:
+    record = getattr(model, "precision_record", None)
+    if record is None:
+        return NOT_MEASURED
+    return bf16_verdict(record, model_id(model))  # hashes the weights: only when a record is there
+
+
+def auto_choice(model: Any = None) -> dict[str, Any]:
+    """What ``auto`` picks on this machine's CPU, and why (``aigid backends``; with ``model``, for
+    that detector)."""
     fast = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
-    why = ("bf16 weights on this CPU" if resolve("auto", torch.device("cpu")) == "bf16" else
-           "fp32: no AMX/AVX512-BF16" if not fast else
-           "fp32: bf16 is here but its agreement with fp32 is not yet shown (ask for --precision bf16)")
-    return {"cpu": resolve("auto", torch.device("cpu")), "cpu_bf16_flags": fast, "why": why}
+    if model is not None:
+        chosen, why = decide("auto", torch.device("cpu"), agreement=lambda: _agreement_of(model))
+    elif fast:
+        chosen, why = "bf16 or fp32", (f"bf16 for a detector whose {RECORD_FILE} shows it agrees with fp32 "
+                                       "(aigid agreement DETECTOR DATA), fp32 otherwise")
+    else:
+        chosen, why = decide("auto", torch.device("cpu"))
+    return {"cpu": chosen, "cpu_bf16_flags": fast, "why": why}
 
 
 def set_precision(model: Any, precision: Optional[str] = "auto", flags: Optional[Iterable[str]] = None) -> str:
@@ -86,7 +126,7 @@ def set_precision(model: Any, precision: Optional[str] = "auto", flags: Optional
     already has does nothing, and a recast model cannot go back to fp32 (load it again)."""
     if precision is None:
         precision = "bf16" if model.device.type == "cuda" else "fp32"
-    chosen = resolve(precision, model.device, flags)
+    chosen, why = decide(precision, model.device, flags, lambda: _agreement_of(model))
     if chosen == getattr(model, "precision", None):
         return chosen
     if getattr(model, "weights_recast", False):
@@ -105,5 +145,6 @@ def set_precision(model: Any, precision: Optional[str] = "auto", flags: Optional
         model.__dict__.pop("_anchor_cache", None)  # MiraGe's anchors: recomputed by the bf16 text tower
         model.weights_recast = True
     model.precision = chosen
-    backends.announce("precision", f"{chosen} ({precision})" if precision == "auto" else chosen)
+    model.precision_why = why
+    backends.announce("precision", f"{chosen} (auto: {why})" if precision == "auto" else chosen)
     return chosen

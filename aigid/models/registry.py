@@ -7,6 +7,7 @@ import warnings
 from typing import Optional
 
 from aigid.models.precision import set_precision
+from aigid.models.precision_record import read_record
 
 CONFIG_FILE = "config.json"  # every detector folder's config (MiraGe's and UniGenDet's)
 
@@ -46,8 +47,9 @@ def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Op
     code loads UniGenDet). ``download``: MiraGe may fetch a missing backbone tag (never by
     default: weights are looked up in the local caches only). A named config gives an *untrained*
     detector (its prompts are random): useful to train from, or to measure speed, never to trust
-    its scores. ``precision``: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on CUDA and on CPUs with
-    AMX/AVX512-BF16, else fp32; see ``aigid.models.precision``); ``None`` (default) keeps what
+    its scores. ``precision``: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"`` (bf16 on CUDA, and on CPUs
+    with AMX/AVX512-BF16 for a folder whose ``precision.json`` shows bf16 agrees with fp32, else
+    fp32; see ``aigid.models.precision``); ``None`` (default) keeps what
     aigid always did, bf16 autocast on CUDA and fp32 on a CPU. ``detector.precision`` says which.
     """
     if os.path.isdir(name_or_path):
@@ -60,6 +62,7 @@ def load_detector(name_or_path: str, cache_dir: Optional[str] = None, device: Op
         if arch == "mirage":
             extra["download"] = download
         model = _ARCHS[arch]().from_pretrained(name_or_path, cache_dir=cache_dir, **extra)
+        model.precision_record = read_record(name_or_path)  # what auto's bf16 choice rests on
     elif name_or_path.startswith("mirage-"):
         warnings.warn(f"{name_or_path} is an untrained configuration: train it before trusting scores",
                       stacklevel=2)
