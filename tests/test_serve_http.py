@@ -87,7 +87,7 @@ def test_raw_body_equals_predict(server, detector):
     (res,) = r.json()["results"]
     assert res["p_fake"] == pytest.approx(float(detector.predict([body])[0]), abs=1e-5)
     assert res["label"] == ("fake" if res["p_fake"] > 0.5 else "real") and res["threshold"] == 0.5
-    assert res["calibrated"] is False and res["detector"] == str(folder)
+    assert res["calibrated"] is False and res["detector"] == str(folder) and res["precision"] == "fp32"
     from aigid.scanning.fingerprint import model_id
     assert res["model"] == model_id(detector) and res["evidence"]["provenance"] == "none"
 

@@ -55,6 +55,7 @@ def test_same_contract_and_scores_as_predict(ray_url, tiny_mirage_folder):
     assert [r.status_code for r in responses] == [200] * 6
     got = [r.json()["results"][0]["p_fake"] for r in responses]
     assert got == pytest.approx(detector.predict(bodies).tolist(), abs=1e-5)
+    assert {r.json()["results"][0]["precision"] for r in responses} == {"fp32"}  # as aigid serve says it
     files = [("file", ("a.jpg", bodies[0], "image/jpeg")), ("file", ("b.jpg", bodies[1][:150], "image/jpeg"))]
     r = httpx.post(ray_url + "/v1/score", files=files, timeout=120)
     good, bad = r.json()["results"]

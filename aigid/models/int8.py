@@ -42,8 +42,9 @@ def _root_logging_untouched():
 ORT_PACKAGES = "pip install 'aigid[export]' (onnx, onnxscript, onnxruntime)"
 
 
-def int8_forward(detector: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """pixels (N, 3, S, S) → raw P(fake) (N,) float32, computed by an int8 ONNX Runtime session."""
+def int8_forward(detector: Any, quantize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pixels (N, 3, S, S) → raw P(fake) (N,) float32, computed by an int8 ONNX Runtime session
+    (``quantize=False``: the same session on the fp32 graph, the benchmarks' ONNX Runtime peer)."""
     if getattr(detector.config, "arch", None) != "mirage":
         raise ValueError("precision='int8' runs MiraGe's exported graph; UniGenDet cannot be exported "
                          "(use fp32 or bf16)")
@@ -57,13 +58,14 @@ def int8_forward(detector: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="aigid-int8-") as folder:
         fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
         write_onnx(module, fp32, size)
-        with _root_logging_untouched():
-            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        if quantize:
+            with _root_logging_untouched():
+                quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         # no spin-waiting after a run: the decode threads and torch share these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(int8 if quantize else fp32, options, providers=["CPUExecutionProvider"])
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         out = session.run(["p_fake"], {"pixels": pixels.detach().to("cpu", torch.float32).numpy()})[0]

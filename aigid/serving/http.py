@@ -88,7 +88,8 @@ def build_app(load: Callable[[], Any], options: ServeOptions = ServeOptions(), n
             state.batcher.submit(_warmup_image()).result()
             threshold = detector.threshold if options.threshold is None else options.threshold
             state.info = DetectorInfo(model_id(detector), name, float(threshold),
-                                      bool(getattr(detector.config, "calibration", None)))
+                                      bool(getattr(detector.config, "calibration", None)),
+                                      getattr(detector, "precision", None) or "fp32")
             state.ready = True
             log.info("serve: %s (%s) ready", name, state.info.model)
         except Exception as err:  # readyz says why; the process stays up to be inspected

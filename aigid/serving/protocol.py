@@ -52,6 +52,7 @@ class DetectorInfo:
     detector: str
     threshold: float
     calibrated: bool
+    precision: str = "fp32"  # scores differ slightly between precisions: each result says which
 
 
 def _too_large(limit: int) -> HTTPProblem:
@@ -124,7 +125,8 @@ async def _one(blob: bytes, score: Score, info: DetectorInfo, evidence: bool) ->
     except ImageError as err:
         return {"error": f"the image does not decode: {getattr(err, 'reason', err)}", "status": 422}
     result = {"p_fake": p, "label": "fake" if p > info.threshold else "real", "threshold": info.threshold,
-              "calibrated": info.calibrated, "model": info.model, "detector": info.detector}
+              "calibrated": info.calibrated, "model": info.model, "detector": info.detector,
+              "precision": info.precision}
     if evidence:
         result["evidence"] = await asyncio.to_thread(read_evidence, blob)
     return result
