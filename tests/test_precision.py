@@ -98,6 +98,18 @@ def test_load_detector_takes_a_precision_and_the_scan_records_it(tiny_mirage_fol
         assert [r["detector"]["precision"] for r in store.runs()] == ["fp32", "bf16"]
 
 
+def test_eval_results_say_their_precision(tiny_mirage_folder, tmp_path):
+    from aigid.evaluation.runner import evaluate
+
+    for label in ("0_real", "1_fake"):
+        (tmp_path / label).mkdir()
+        for i, arr in enumerate(_images(2, seed=len(label))):
+            Image.fromarray(arr).save(tmp_path / label / f"{i}.png")
+    for precision in ("fp32", "bf16"):
+        result = evaluate(load_detector(str(tiny_mirage_folder), precision=precision), str(tmp_path), progress=False)
+        assert result["protocol"]["precision"] == precision and result["protocol"]["n_scored"] == 4
+
+
 def test_agreement_counts_flips_and_auroc_change():
     from aigid.evaluation.agreement import agreement
 

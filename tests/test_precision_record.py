@@ -58,8 +58,11 @@ def test_an_unreadable_record_is_no_record(tmp_path):
     assert read_record(tmp_path) is None
     (tmp_path / RECORD_FILE).write_text(json.dumps({"format": 99, "model_id": "x"}))
     assert read_record(tmp_path) is None
-    write_record(tmp_path, {"model_id": "x"})
-    assert read_record(tmp_path) == {"model_id": "x", "format": 1}
+    write_record(tmp_path, {"model_id": "x", "precisions": {"bf16": {"n": 240}}})  # a report missing its numbers
+    assert read_record(tmp_path) is None
+    good = {"model_id": "x", "precisions": {"bf16": _report()}}
+    write_record(tmp_path, good)
+    assert read_record(tmp_path) == {**good, "format": 1}
 
 
 def _labelled_set(root, n_per_class, seed=0):
@@ -113,12 +116,25 @@ def test_auto_follows_the_record(detector, monkeypatch):
     model = load_detector(str(detector), precision="auto")
     assert model.precision == "bf16" and "agrees" in model.precision_why
     assert {p.dtype for p in model.clip.visual.parameters()} == {torch.bfloat16}
+    _scan_records_why(model, detector.parent)
     write_record(detector, {"model_id": mid, "precisions": {"bf16": _report(d_auroc=0.003)}})
     model = load_detector(str(detector), precision="auto")
     assert model.precision == "fp32" and "beyond the bounds" in model.precision_why
     _flags(monkeypatch, ("avx2",))  # a CPU without bf16 instructions: the record does not matter
     write_record(detector, {"model_id": mid, "precisions": {"bf16": _report()}})
     assert load_detector(str(detector), precision="auto").precision == "fp32"
+
+
+def _scan_records_why(model, root):
+    from aigid.scanning.local import scan_to_store
+    from aigid.scanning.store import ResultStore
+
+    (root / "imgs").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(root / "imgs" / "a.png")
+    scan_to_store([root / "imgs"], model, out=root / "r.sqlite", progress=False, num_workers=0)
+    with ResultStore(root / "r.sqlite", readonly=True) as store:
+        (run,) = store.runs()
+    assert run["detector"]["precision"] == "bf16" and run["detector"]["precision_why"] == model.precision_why
 
 
 def test_recalibrating_makes_the_record_stale(detector, data, monkeypatch):
@@ -176,3 +192,18 @@ def test_cli_mistakes_are_one_line(detector, data, capsys, extra, says):
     assert main(["agreement", str(detector), str(data), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_unigendet_has_bf16_but_no_int8(tmp_path, capsys):
+    from aigid.models.unigendet import UniGenDet, UniGenDetConfig
+
+    folder = tmp_path / "ug"
+    UniGenDet(UniGenDetConfig.named("tiny"), seed=0).save_pretrained(folder)
+    small = _labelled_set(tmp_path / "small", 3)
+    assert main(["agreement", str(folder), str(small), "--quiet"]) == 0
+    report = read_record(folder)["precisions"]["bf16"]
+    assert report["n"] == 6 and 0 < report["max_abs_dp"] < 0.01
+    capsys.readouterr()
+    assert main(["agreement", str(folder), str(small), "--precisions", "int8", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(folder) in err and "UniGenDet cannot be exported" in err and len(err.splitlines()) == 1

@@ -124,8 +124,8 @@ def _cmd_agreement(args) -> int:
     try:
         record = measure(detector, args.data, split=args.split, precisions=args.precisions,
                          batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
-    except ImportError as err:  # int8 without ONNX Runtime
-        raise CommandFailed(str(err)) from None
+    except (ImportError, ValueError) as err:  # int8 without ONNX Runtime, or for UniGenDet
+        raise CommandFailed(f"{args.detector}: {err}") from None
     if args.out:
         with open(args.out, "w") as f:
             f.write(json.dumps(record, indent=2) + "\n")

@@ -153,6 +153,7 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
         "calibration": (applied or {}).get("method"), "ece_bins": calibration.ECE_BINS,
         "preprocess": detector.config.preprocess,
         "verdict": getattr(detector.config, "verdict", "head"),
+        "precision": getattr(detector, "precision", None),  # scores differ slightly between them
         "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
         "split": split, "data": data if isinstance(data, str) else None,
         "oracle_acc": "threshold chosen on the evaluated labels; not deployable",

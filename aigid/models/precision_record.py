@@ -11,10 +11,13 @@ identity: a scan fingerprint hashes ``config.json`` and the weights only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping, Optional, Union
 
 from aigid.models.checkpoint import write_text_atomically
+
+log = logging.getLogger(__name__)
 
 RECORD_FILE = "precision.json"
 RECORD_FORMAT = 1
@@ -39,9 +42,20 @@ def read_record(folder: Union[str, os.PathLike]) -> Optional[dict[str, Any]]:
             record = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not _well_formed(record):
+        log.warning("%s: not a precision record this version reads; auto treats bf16 as unmeasured", path)
         return None
     return record
+
+
+def _well_formed(record: Mapping[str, Any]) -> bool:
+    reports = record.get("precisions")
+    if not isinstance(record.get("model_id"), str) or not isinstance(reports, dict):
+        return False
+    number = (int, float)
+    return all(isinstance(r, dict) and isinstance(r.get("n"), int) and isinstance(r.get("flip_fraction"), number)
+               and isinstance(r.get("d_auroc"), number) and isinstance(r.get("max_abs_dp"), number)
+               for r in reports.values())
 
 
 def write_record(folder: Union[str, os.PathLike], record: Mapping[str, Any]) -> str:

@@ -196,7 +196,8 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                 skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors),
                                      workers + 1)
             # the precision it computes in beside its config: scores differ slightly between them
-            ran_as = {**config_dict(detector), "precision": getattr(detector, "precision", None)}
+            ran_as = {**config_dict(detector), "precision": getattr(detector, "precision", None),
+                      "precision_why": getattr(detector, "precision_why", None)}
             run = store.start_run(mid, detector=ran_as, preprocess=preprocess,
                                   threshold=threshold, decoder=chosen, paths=paths)
     except BaseException:
