@@ -161,3 +161,22 @@ def test_the_model_card_says_the_precision(tmp_path):
     set_precision(model, "bf16")
     card = model_card(model)
     assert "## Precision" in card and "computed in bf16" in card and '| "int8"' in card
+
+
+def test_model_id_is_hashed_once_until_a_tensor_or_the_config_changes(monkeypatch):
+    from aigid.models import identity
+
+    model = MiraGe(MiraGeConfig.named("tiny"), seed=0).eval()
+    calls = []
+    real = identity.fingerprint
+    monkeypatch.setattr(identity, "fingerprint", lambda *a: calls.append(1) or real(*a))
+    first = model_id(model)
+    assert model_id(model) == first and len(calls) == 1  # kept on the detector
+    with torch.no_grad():
+        model.prompts.text.add_(1.0)  # an in-place step: the version counter moves
+    moved = model_id(model)
+    assert moved != first and len(calls) == 2
+    model.config.temperature = model.config.temperature * 2  # a config change
+    assert model_id(model) not in (first, moved) and len(calls) == 3
+    twin = __import__("copy").deepcopy(model)  # new storages: hashed afresh, same bytes, same id
+    assert model_id(twin) == model_id(model) and len(calls) == 4

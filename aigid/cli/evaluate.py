@@ -117,7 +117,7 @@ def _check_agreement(args) -> None:
 def _cmd_agreement(args) -> int:
     from aigid.evaluation.agreement import measure
     from aigid.models.card import refresh_card_precision
-    from aigid.models.precision_record import bf16_verdict, read_record, write_record
+    from aigid.models.precision_record import bf16_verdict, record_path, write_record
 
     args.precision = "fp32"  # the reference; each other precision scores a copy
     detector = _load_detector(args)
@@ -126,18 +126,11 @@ def _cmd_agreement(args) -> int:
                          batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     except (ImportError, ValueError) as err:  # int8 without ONNX Runtime, or for UniGenDet
         raise CommandFailed(f"{args.detector}: {err}") from None
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
-        written = args.out
-    else:
-        earlier = read_record(args.detector)
-        same = ("model_id", "data", "split", "threshold")
-        if earlier and all(earlier.get(k) == record.get(k) for k in same):  # keep what was not re-measured
-            record["precisions"] = {**earlier.get("precisions", {}), **record["precisions"]}
-        written = write_record(args.detector, record)
+    written = record_path(args.out or args.detector)
+    record = write_record(written, record)  # with what an earlier run measured on the same weights
+    if not args.out:
         refresh_card_precision(args.detector, detector, record)
-    agrees, why = bf16_verdict(record, record["model_id"])
+    agrees, why = bf16_verdict(record, record["model_id"])  # measured on this very detector
     log.info("wrote %s; auto on a CPU with bf16 instructions: %s (%s)", written, "bf16" if agrees else "fp32", why)
     _print_json({"precisions": record["precisions"], "compared": record["compared"],
                  "auto_cpu_bf16": agrees, "written": str(written)})

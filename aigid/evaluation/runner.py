@@ -24,6 +24,7 @@ from aigid.data.perturb import Perturbation, compose, parse_sweep
 from aigid.data.transforms import eval_transform
 from aigid.evaluation import calibration
 from aigid.evaluation.metrics import _roc, binary_metrics, is_fake, oracle_accuracy
+from aigid.models.precision import precision_of
 
 log = logging.getLogger("aigid")
 NO_VERDICT = "no verdict: the generated answer says neither real nor fake"
@@ -153,7 +154,7 @@ def evaluate(detector, data: Union[str, Sequence[LabelledImage]], split: Optiona
         "calibration": (applied or {}).get("method"), "ece_bins": calibration.ECE_BINS,
         "preprocess": detector.config.preprocess,
         "verdict": getattr(detector.config, "verdict", "head"),
-        "precision": getattr(detector, "precision", None),  # scores differ slightly between them
+        "precision": precision_of(detector),  # scores differ slightly between them
         "n_listed": len(items), "n_scored": int(kept.size), "n_errors": len(errors),
         "split": split, "data": data if isinstance(data, str) else None,
         "oracle_acc": "threshold chosen on the evaluated labels; not deployable",

@@ -300,21 +300,21 @@ def refresh_card_calibration(folder: Union[str, os.PathLike], model: Any) -> str
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     section, limit = _calibration(model.config)
-    _drop_section(lines, "## Calibration")
-    if section:
-        at = lines.index("## How to use") if "## How to use" in lines else len(lines)
-        lines[at:at] = section
+    _put_section(lines, "## Calibration", section)
     lines = [f"- {limit}" if ln == f"- {_UNCALIBRATED}" or
              ln.startswith(f"- {_CALIBRATED_LIMIT_START}") else ln for ln in lines]
     return _write_card(folder, "\n".join(lines))
 
 
-def _drop_section(lines: list[str], heading: str) -> None:
-    """Remove ``heading``'s section (up to the next heading) from ``lines``, in place."""
+def _put_section(lines: list[str], heading: str, section: list[str]) -> None:
+    """Replace ``heading``'s section (up to the next heading) in ``lines`` with ``section``, in
+    place; a new one goes before "How to use"; an empty ``section`` only removes the old."""
     if heading in lines:
         start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         del lines[start:end]
+    at = lines.index("## How to use") if "## How to use" in lines else len(lines)
+    lines[at:at] = section
 
 
 def refresh_card_precision(folder: Union[str, os.PathLike], model: Any, record: Mapping[str, Any]) -> str:
@@ -325,7 +325,5 @@ def refresh_card_precision(folder: Union[str, os.PathLike], model: Any, record: 
         write_model_card(folder, model)
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    _drop_section(lines, "## Precision")
-    at = lines.index("## How to use") if "## How to use" in lines else len(lines)
-    lines[at:at] = _precision(model, record)
+    _put_section(lines, "## Precision", _precision(model, record))
     return _write_card(folder, "\n".join(lines))

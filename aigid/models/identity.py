@@ -44,12 +44,25 @@ def model_id(detector) -> str:
     """``"<arch>-<16 hex>"``: blake2b of the config (JSON, sorted keys) and every tensor of the
     state dict (name, dtype, shape, bytes). Same weights and config → same id on any machine.
     A detector whose weights were recast for a precision (``set_precision``) keeps the id of the
-    weights it was loaded with (``stored_model_id``): the precision is recorded beside it."""
+    weights it was loaded with (``stored_model_id``): the precision is recorded beside it.
+
+    Hashing a ViT-L's 1.7 GB takes seconds, and loading, precision, scan, serve and the agreement
+    record each ask: the id is kept on the detector until its config or a tensor changes (a
+    tensor's storage, or its in-place version counter, which optimiser steps and
+    ``load_state_dict`` bump -- as MiraGe's anchor cache relies on; writes through ``.data``
+    bypass it)."""
     stored = getattr(detector, "stored_model_id", None)
     if stored is not None:
         return stored
     config = config_dict(detector)
-    return fingerprint(config, type(detector).__name__.lower(), sorted(detector.state_dict().items()))
+    tensors = sorted(detector.state_dict().items())
+    key = (_config_json(config), tuple((k, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for k, t in tensors))
+    cached = vars(detector).get("_model_id_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    mid = fingerprint(config, type(detector).__name__.lower(), tensors)
+    vars(detector)["_model_id_cache"] = (key, mid)
+    return mid
 
 
 def layout(config: dict[str, Any], shapes: Iterable[tuple[str, torch.dtype, tuple]]) -> str:

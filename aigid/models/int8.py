@@ -22,6 +22,7 @@ from aigid.models.mirage.exportable import ExportableMiraGe, write_onnx
 
 log = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def _root_logging_untouched():
     """ONNX Runtime's quantiser logs through ``logging.warning``, which configures the root logger

@@ -27,7 +27,7 @@ import torch
 
 from aigid import backends
 from aigid.models.identity import detector_layout, model_id
-from aigid.models.precision_record import RECORD_FILE, bf16_verdict
+from aigid.models.precision_record import NOT_MEASURED, RECORD_FILE, bf16_verdict
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,24 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # aligned held-out set (240 images, benchmarks/test_precision.py) bf16 flipped no verdict and moved
 # P(fake) by <= 2e-3, yet AUROC by -0.0026 (trained tiny demo detector) and +0.0020 (random
 # ViT-B/32): near-chance detectors reorder near-ties. So each detector carries its own measurement.
-NOT_MEASURED = (False, "bf16's agreement with fp32 is not measured for this detector (aigid agreement DETECTOR DATA)")
+
+
+def _cpuinfo(field: str, cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The first ``field : value`` line of Linux's ``/proc/cpuinfo``; ``None`` where unreadable."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where that cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags", cpuinfo) or "").split())
 
 
 Agreement = Union[tuple[bool, str], Callable[[], tuple[bool, str]]]
@@ -61,14 +65,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
     import platform
 
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
 def decide(precision: str, device: torch.device, flags: Optional[Iterable[str]] = None,
@@ -100,18 +97,20 @@ def resolve(precision: str, device: torch.device, flags: Optional[Iterable[str]]
 
 def _agreement_of(model: Any) -> tuple[bool, str]:
     record = getattr(model, "precision_record", None)
-    if record is None:
-        return NOT_MEASURED
-    return bf16_verdict(record, model_id(model))  # hashes the weights: only when a record is there
+    return NOT_MEASURED if record is None else bf16_verdict(record, model_id(model))  # no record: no hashing
 
 
-def auto_choice(model: Any = None) -> dict[str, Any]:
-    """What ``auto`` picks on this machine's CPU, and why (``aigid backends``; with ``model``, for
-    that detector)."""
+def precision_of(model: Any) -> str:
+    """The precision ``model`` computes in: what ``set_precision`` chose, else what aigid does
+    unasked (bf16 autocast on CUDA, fp32 on a CPU) -- what results record beside their scores."""
+    on_cuda = getattr(getattr(model, "device", None), "type", None) == "cuda"
+    return getattr(model, "precision", None) or ("bf16" if on_cuda else "fp32")
+
+
+def auto_choice() -> dict[str, Any]:
+    """What ``auto`` picks on this machine's CPU, and why (``aigid backends``)."""
     fast = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
-    if model is not None:
-        chosen, why = decide("auto", torch.device("cpu"), agreement=lambda: _agreement_of(model))
-    elif fast:
+    if fast:
         chosen, why = "bf16 or fp32", (f"bf16 for a detector whose {RECORD_FILE} shows it agrees with fp32 "
                                        "(aigid agreement DETECTOR DATA), fp32 otherwise")
     else:

@@ -24,6 +24,7 @@ RECORD_FORMAT = 1
 MAX_FLIPS = 0.005
 MAX_D_AUROC = 0.002
 MIN_IMAGES = 200
+NOT_MEASURED = (False, "bf16's agreement with fp32 is not measured for this detector (aigid agreement DETECTOR DATA)")
 
 
 def within_bounds(report: Mapping[str, Any]) -> bool:
@@ -36,7 +37,10 @@ def within_bounds(report: Mapping[str, Any]) -> bool:
 def read_record(folder: Union[str, os.PathLike]) -> Optional[dict[str, Any]]:
     """The record in a detector folder, or ``None`` (no file, or one this version cannot read:
     ``auto`` then treats the agreement as unmeasured rather than failing a load)."""
-    path = os.path.join(os.fspath(folder), RECORD_FILE)
+    return _read(os.path.join(os.fspath(folder), RECORD_FILE))
+
+
+def _read(path: str) -> Optional[dict[str, Any]]:
     try:
         with open(path) as f:
             record = json.load(f)
@@ -58,19 +62,30 @@ def _well_formed(record: Mapping[str, Any]) -> bool:
                for r in reports.values())
 
 
-def write_record(folder: Union[str, os.PathLike], record: Mapping[str, Any]) -> str:
-    """Write ``precision.json`` atomically (a temporary file renamed over the old one)."""
-    path = os.path.join(os.fspath(folder), RECORD_FILE)
-    write_text_atomically(path, json.dumps({**record, "format": RECORD_FORMAT}, indent=2) + "\n")
-    return path
+def record_path(path: Union[str, os.PathLike]) -> str:
+    """Where ``write_record(path, ...)`` writes: a detector folder's ``precision.json``, or ``path``."""
+    path = os.fspath(path)
+    return os.path.join(path, RECORD_FILE) if os.path.isdir(path) else path
+
+
+def write_record(path: Union[str, os.PathLike], record: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``record`` atomically to ``record_path(path)``; what was written. A record already
+    there for the same weights, data, split and threshold keeps the precisions this one did not
+    measure (bf16 measured once, int8 later: both stay)."""
+    path = record_path(path)
+    earlier = _read(path)
+    if earlier and all(earlier.get(k) == record.get(k) for k in ("model_id", "data", "split", "threshold")):
+        record = {**record, "precisions": {**earlier["precisions"], **record["precisions"]}}
+    record = {**record, "format": RECORD_FORMAT}
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def bf16_verdict(record: Optional[Mapping[str, Any]], current_id: Optional[str]) -> tuple[bool, str]:
     """(may ``auto`` pick bf16 on a CPU with bf16 instructions, why) for a detector whose
     ``model_id`` is ``current_id``, given its record."""
     if record is None:
-        return False, ("bf16's agreement with fp32 is not measured for this detector "
-                       "(aigid agreement DETECTOR DATA)")
+        return NOT_MEASURED
     if record.get("model_id") != current_id:
         return False, (f"{RECORD_FILE} was measured on other weights or calibration "
                        f"({record.get('model_id')}): measure again (aigid agreement)")

@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aigid.data.transforms import is_variable_size
+from aigid.models.precision import precision_of
 from aigid.provenance import DECLARED_AI, DECLARED_CAMERA, provenance_of
 from aigid.scanning.fingerprint import config_dict, model_id  # noqa: F401  (model_id: part of scan's API)
 from aigid.scanning.store import DoneFilter, ResultRow, ResultStore, check_threshold, label_of
@@ -196,7 +197,7 @@ def scan(paths: Union[PathArg, Sequence[PathArg]], detector, *,
                 skip = _CountingSkip(store.done_filter(mid, include_errors=not retry_errors),
                                      workers + 1)
             # the precision it computes in beside its config: scores differ slightly between them
-            ran_as = {**config_dict(detector), "precision": getattr(detector, "precision", None),
+            ran_as = {**config_dict(detector), "precision": precision_of(detector),
                       "precision_why": getattr(detector, "precision_why", None)}
             run = store.start_run(mid, detector=ran_as, preprocess=preprocess,
                                   threshold=threshold, decoder=chosen, paths=paths)

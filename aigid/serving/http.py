@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aigid.scanning.fingerprint import model_id
 from aigid.serving.batcher import Batcher
 from aigid.serving.metrics import ServerMetrics
 from aigid.serving.protocol import RETRY_AFTER_S, DetectorInfo, Limits, score_request
@@ -86,10 +85,7 @@ def build_app(load: Callable[[], Any], options: ServeOptions = ServeOptions(), n
                                     max_wait_ms=options.max_wait_ms, max_queue=options.max_queue,
                                     decode_workers=options.decode_workers, on_batch=metrics.on_batch)
             state.batcher.submit(_warmup_image()).result()
-            threshold = detector.threshold if options.threshold is None else options.threshold
-            state.info = DetectorInfo(model_id(detector), name, float(threshold),
-                                      bool(getattr(detector.config, "calibration", None)),
-                                      getattr(detector, "precision", None) or "fp32")
+            state.info = DetectorInfo.of(detector, name, options.threshold)
             state.ready = True
             log.info("serve: %s (%s) ready", name, state.info.model)
         except Exception as err:  # readyz says why; the process stays up to be inspected

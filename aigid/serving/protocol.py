@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse
 from aigid.data.images import ImageError
 from aigid.data.sources import SNIFF_BYTES, image_format
 from aigid.errors import BatcherClosedError, QueueFullError
+from aigid.models.identity import model_id
+from aigid.models.precision import precision_of
 from aigid.provenance import read_evidence
 
 RETRY_AFTER_S = 1
@@ -53,6 +55,13 @@ class DetectorInfo:
     threshold: float
     calibrated: bool
     precision: str = "fp32"  # scores differ slightly between precisions: each result says which
+
+    @classmethod
+    def of(cls, detector: Any, name: str, threshold: Optional[float] = None) -> "DetectorInfo":
+        """A loaded detector's info (``threshold``: the served one, default the detector's own)."""
+        t = detector.threshold if threshold is None else threshold
+        return cls(model_id(detector), name, float(t), bool(getattr(detector.config, "calibration", None)),
+                   precision_of(detector))
 
 
 def _too_large(limit: int) -> HTTPProblem:

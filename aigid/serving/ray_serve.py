@@ -49,13 +49,9 @@ def detector_app(detector: str, *, checkpoint: Optional[str] = None, device: Opt
     class AigidDetector:
         def __init__(self) -> None:
             from aigid.models.registry import load_detector
-            from aigid.scanning.fingerprint import model_id
 
             self.detector = load_detector(detector, checkpoint=checkpoint, device=device)
-            t = self.detector.threshold if threshold is None else threshold
-            self.info = DetectorInfo(model_id(self.detector), detector, float(t),
-                                     bool(getattr(self.detector.config, "calibration", None)),
-                                     getattr(self.detector, "precision", None) or "fp32")
+            self.info = DetectorInfo.of(self.detector, detector, threshold)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000)
         async def _batch(self, images: list[bytes]) -> list[Any]:
